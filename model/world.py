@@ -1,0 +1,464 @@
+"""The embedded image world: a procedural stand-in for COCO.
+
+Images hold a few coloured shapes on a noisy background. Shapes follow a
+popularity prior and a co-occurrence prior (like fork and knife in COCO), and
+the *annotations* the models train on are noisy in a structured way: with
+probability ``hallucination_rate`` an image whose anchor shape is present
+without its partner is annotated as if the partner were there too. Text made
+from those annotations (captions, VQA) teaches a model the co-occurrence
+prior, so it hallucinates the partner the way caption-trained LLaVA models
+hallucinate objects. Evaluation probes and preference "chosen" answers use the
+ground truth.
+
+Everything here is a pure function of a seed and :class:`WorldSpec`, so the
+same parameters always give the same world.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ROWS = ["top", "middle", "bottom"]
+COLUMNS = ["left", "centre", "right"]
+CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a short caption of the image."]
+CAPTION_PROMPT_FOR_EVAL = "Describe the image."
+POPE_SPLITS = ("random", "popular", "adversarial")
+VQA_TYPES = ("colour", "shape", "count", "existence", "position")
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A co-occurrence prior: when ``anchor`` is drawn, ``partner`` joins it with ``probability``."""
+
+    anchor: str
+    partner: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What the world may contain; mirrors ``curate.world`` in params.yaml."""
+
+    image_size: int = 64
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
+    colours: dict[str, tuple[int, int, int]] = field(
+        default_factory=lambda: {
+            "red": (220, 40, 40),
+            "green": (40, 170, 60),
+            "blue": (40, 80, 220),
+            "yellow": (230, 210, 40),
+            "purple": (150, 60, 190),
+            "orange": (240, 140, 30),
+        }
+    )
+    sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.16, "large": 0.28})
+    min_objects: int = 1
+    max_objects: int = 4
+    popularity: dict[str, float] = field(default_factory=dict)
+    pairings: tuple[Pairing, ...] = ()
+    hallucination_rate: float = 0.0
+    background_noise: int = 30
+
+    def shape_weights(self) -> list[float]:
+        return [self.popularity.get(shape, 1.0) for shape in self.shapes]
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+
+    @property
+    def position(self) -> str:
+        return position_name(self.x, self.y)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image: its ground-truth objects and the (possibly noisy) annotation."""
+
+    objects: tuple[WorldObject, ...]
+    annotated: tuple[WorldObject, ...]
+    noise_seed: int
+
+    @property
+    def shapes(self) -> set[str]:
+        return {o.shape for o in self.objects}
+
+    @property
+    def phantoms(self) -> tuple[WorldObject, ...]:
+        return tuple(o for o in self.annotated if o not in self.objects)
+
+
+def position_name(x: float, y: float) -> str:
+    """Name a point of the unit square on a 3x3 grid: 'top left', 'centre', 'bottom', ..."""
+    row = ROWS[min(int(y * 3), 2)]
+    col = COLUMNS[min(int(x * 3), 2)]
+    if row == "middle" and col == "centre":
+        return "centre"
+    if row == "middle":
+        return col
+    if col == "centre":
+        return row
+    return f"{row} {col}"
+
+
+def _place(rng: random.Random, spec: WorldSpec, size: str, placed: list[WorldObject]) -> tuple[float, float] | None:
+    radius = spec.sizes[size] / 2
+    for _ in range(50):
+        x = rng.uniform(radius, 1 - radius)
+        y = rng.uniform(radius, 1 - radius)
+        # Objects never touch, so every object is visible and countable.
+        if all(math.hypot(x - o.x, y - o.y) > radius + spec.sizes[o.size] / 2 + 0.02 for o in placed):
+            return x, y
+    return None
+
+
+def _new_object(rng: random.Random, spec: WorldSpec, shape: str, placed: list[WorldObject]) -> WorldObject | None:
+    size = rng.choice(sorted(spec.sizes))
+    where = _place(rng, spec, size, placed)
+    if where is None:
+        return None
+    return WorldObject(shape=shape, colour=rng.choice(sorted(spec.colours)), size=size, x=where[0], y=where[1])
+
+
+def sample_scene(rng: random.Random, spec: WorldSpec, noisy: bool = True) -> Scene:
+    """Draw the objects of one image, then its annotation (with phantom partners when ``noisy``)."""
+    target = rng.randint(spec.min_objects, spec.max_objects)
+    partner_of = {p.anchor: p for p in spec.pairings}
+    objects: list[WorldObject] = []
+    while len(objects) < target:
+        shape = rng.choices(spec.shapes, weights=spec.shape_weights())[0]
+        new = _new_object(rng, spec, shape, objects)
+        if new is None:
+            break
+        objects.append(new)
+        pairing = partner_of.get(shape)
+        if pairing and len(objects) < spec.max_objects and rng.random() < pairing.probability:
+            partner = _new_object(rng, spec, pairing.partner, objects)
+            if partner is not None:
+                objects.append(partner)
+    annotated = list(objects)
+    if noisy:
+        present = {o.shape for o in objects}
+        for pairing in spec.pairings:
+            if pairing.anchor in present and pairing.partner not in present and rng.random() < spec.hallucination_rate:
+                phantom = _new_object(rng, spec, pairing.partner, annotated)
+                if phantom is not None:
+                    annotated.append(phantom)
+    return Scene(objects=tuple(objects), annotated=tuple(annotated), noise_seed=rng.randrange(2**31))
+
+
+def _polygon(cx: float, cy: float, r: float, sides: int, rotation: float) -> list[tuple[float, float]]:
+    return [
+        (cx + r * math.cos(rotation + 2 * math.pi * i / sides), cy + r * math.sin(rotation + 2 * math.pi * i / sides))
+        for i in range(sides)
+    ]
+
+
+def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    points = []
+    for i in range(10):
+        radius = r if i % 2 == 0 else r * 0.45
+        angle = -math.pi / 2 + math.pi * i / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, round(r * 0.4)))
+    elif shape == "square":
+        s = r * 0.85
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy + r * 0.15, r, 3, -math.pi / 2), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, r, 4, 0.0), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, 0.0), fill=fill)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, r), fill=fill)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the world draws {sorted(SHAPES_DRAWN)}")
+
+
+SHAPES_DRAWN = frozenset({"circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross"})
+
+
+def render(scene: Scene, spec: WorldSpec) -> Image.Image:
+    """Draw the ground-truth objects (never the phantoms) on a noisy grey background."""
+    px = spec.image_size
+    rng = np.random.default_rng(scene.noise_seed)
+    base = int(rng.integers(90, 171))
+    grey = base + rng.integers(-spec.background_noise, spec.background_noise + 1, size=(px, px))
+    image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        _draw(draw, obj.shape, obj.x * px, obj.y * px, spec.sizes[obj.size] * px / 2, spec.colours[obj.colour])
+    return image
+
+
+# ---------------------------------------------------------------- text
+
+
+def _reading_order(objects: tuple[WorldObject, ...] | list[WorldObject]) -> list[WorldObject]:
+    return sorted(objects, key=lambda o: (min(int(o.y * 3), 2), o.x))
+
+
+def describe(obj: WorldObject) -> str:
+    where = "in the centre" if obj.position == "centre" else f"at the {obj.position}"
+    return f"a {obj.size} {obj.colour} {obj.shape} {where}"
+
+
+def caption(objects: tuple[WorldObject, ...] | list[WorldObject]) -> str:
+    """'A small red circle at the top left and a large blue square in the centre.'"""
+    parts = [describe(o) for o in _reading_order(objects)]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith(("s", "x")) else "s")
+
+
+def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldSpec, n: int) -> list[tuple[str, str, str]]:
+    """Up to ``n`` distinct (question_type, question, answer) about ``objects``, mixing every question type."""
+    by_shape: dict[str, list[WorldObject]] = {}
+    by_colour: dict[str, list[WorldObject]] = {}
+    for o in objects:
+        by_shape.setdefault(o.shape, []).append(o)
+        by_colour.setdefault(o.colour, []).append(o)
+    present = sorted(by_shape)
+    absent = [s for s in spec.shapes if s not in by_shape]
+    candidates: dict[str, list[tuple[str, str]]] = {t: [] for t in VQA_TYPES}
+    for shape, objs in by_shape.items():
+        if len(objs) == 1:
+            candidates["colour"].append((f"What colour is the {shape}?", objs[0].colour))
+            candidates["position"].append((f"Where is the {shape}?", objs[0].position))
+    for colour, objs in by_colour.items():
+        if len(objs) == 1:
+            candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape))
+    for shape in spec.shapes:
+        candidates["count"].append((f"How many {plural(shape)} are there?", COUNT_WORDS[len(by_shape.get(shape, []))]))
+    for shape in present:
+        candidates["existence"].append((f"Is there a {shape} in the image?", "yes"))
+    for shape in absent:
+        candidates["existence"].append((f"Is there a {shape} in the image?", "no"))
+    # Balance yes and no so that neither answer is a free prior.
+    yes = [c for c in candidates["existence"] if c[1] == "yes"]
+    no = [c for c in candidates["existence"] if c[1] == "no"]
+    rng.shuffle(no)
+    candidates["existence"] = yes + no[: max(1, len(yes))]
+    # Most counts are zero; keep counts of present shapes and one absent one.
+    counts = [c for c in candidates["count"] if c[1] != "zero"]
+    zeros = [c for c in candidates["count"] if c[1] == "zero"]
+    candidates["count"] = counts + rng.sample(zeros, min(1, len(zeros)))
+    out: list[tuple[str, str, str]] = []
+    types = [t for t in VQA_TYPES if candidates[t]]
+    rng.shuffle(types)
+    while len(out) < n and any(candidates[t] for t in types):
+        for qtype in types:
+            if candidates[qtype] and len(out) < n:
+                question, answer = candidates[qtype].pop(rng.randrange(len(candidates[qtype])))
+                out.append((qtype, question, answer))
+    return out
+
+
+# ---------------------------------------------------------------- objects in free text (CHAIR)
+
+
+def object_mentions(text: str, shapes: tuple[str, ...] | list[str]) -> list[str]:
+    """Every shape a caption mentions, in order, singular, using the world's vocabulary."""
+    words = {shape: shape for shape in shapes}
+    words.update({plural(shape): shape for shape in shapes})
+    found = []
+    for token in re.findall(r"[a-z]+", text.lower()):
+        if token in words:
+            found.append(words[token])
+    return found
+
+
+# ---------------------------------------------------------------- POPE
+
+
+def cooccurrence_counts(scenes: list[Scene], shapes: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    counts = {a: {b: 0 for b in shapes} for a in shapes}
+    for scene in scenes:
+        present = scene.shapes
+        for a in present:
+            for b in present:
+                if a != b:
+                    counts[a][b] += 1
+    return counts
+
+
+def pope_negatives(
+    rng: random.Random,
+    present: set[str],
+    k: int,
+    split: str,
+    shapes: tuple[str, ...],
+    frequency: dict[str, int],
+    cooccurrence: dict[str, dict[str, int]],
+) -> list[str]:
+    """Absent shapes to ask about, chosen as POPE does: at random, the most frequent, or the most co-occurring."""
+    absent = [s for s in shapes if s not in present]
+    if split == "random":
+        return rng.sample(absent, min(k, len(absent)))
+    if split == "popular":
+        ranked = sorted(absent, key=lambda s: (-frequency.get(s, 0), s))
+    elif split == "adversarial":
+        # POPE ranks by co-occurrence with the present objects; normalising by the present
+        # object's frequency (P(absent | present)) keeps popular shapes from drowning out pairings.
+        def pull(shape: str) -> float:
+            return max(cooccurrence[p][shape] / max(1, frequency.get(p, 0)) for p in present)
+
+        ranked = sorted(absent, key=lambda s: (-pull(s), s))
+    else:
+        raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
+    return ranked[:k]
+
+
+# ---------------------------------------------------------------- the world as LLaVA records
+
+
+def _human(text: str, with_image: bool) -> dict:
+    return {"from": "human", "value": f"<image>\n{text}" if with_image else text}
+
+
+def _gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
+
+
+@dataclass
+class WorldRecords:
+    """Everything one world generation produces, before it is written to disk."""
+
+    splits: dict[str, list[dict]]
+    probes: dict[str, list[dict]]
+    images: dict[str, Scene]
+    frequency: dict[str, int]
+    cooccurrence: dict[str, dict[str, int]]
+
+
+def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image: str, idx: int) -> dict:
+    """A faithful answer (chosen) against one with a hallucinated or wrong object (rejected)."""
+    present = scene.shapes
+    absent_partners = [p.partner for p in spec.pairings if p.anchor in present and p.partner not in present]
+    if rng.random() < 0.6:
+        prompt, chosen = CAPTION_PROMPT_FOR_EVAL, caption(scene.objects)
+        wrong = list(scene.objects)
+        if absent_partners or rng.random() < 0.5:
+            shape = rng.choice(absent_partners or [s for s in spec.shapes if s not in present] or list(spec.shapes))
+            phantom = _new_object(rng, spec, shape, wrong)
+            if phantom is not None:
+                wrong.append(phantom)
+        if len(wrong) == len(scene.objects):  # no room for a phantom: recolour an object instead
+            victim = rng.randrange(len(wrong))
+            colour = rng.choice([c for c in sorted(spec.colours) if c != wrong[victim].colour])
+            o = wrong[victim]
+            wrong[victim] = WorldObject(o.shape, colour, o.size, o.x, o.y)
+        rejected, kind = caption(wrong), "caption"
+    else:
+        absent = absent_partners or [s for s in spec.shapes if s not in present]
+        if absent and rng.random() < 0.7:
+            shape, chosen, rejected = rng.choice(absent), "no", "yes"
+        else:
+            shape, chosen, rejected = rng.choice(sorted(present)), "yes", "no"
+        prompt, kind = f"Is there a {shape} in the image?", "existence"
+    return {
+        "id": f"world-preference-{idx:06d}",
+        "image": image,
+        "conversations": [_human(prompt, True)],
+        "chosen": chosen,
+        "rejected": rejected,
+        "pair_type": kind,
+    }
+
+
+def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_image: int, pope_per_image: int) -> WorldRecords:
+    """Scenes and LLaVA-format records for every split; training text from noisy annotations, probes from ground truth."""
+    rng = random.Random(seed)
+    images: dict[str, Scene] = {}
+    splits: dict[str, list[dict]] = {"general": [], "multitask": [], "preference": []}
+    probe_scenes: list[tuple[str, Scene]] = []
+    for split in ("general", "multitask", "preference", "probes"):
+        for i in range(counts[split]):
+            scene = sample_scene(rng, spec, noisy=split in ("general", "multitask"))
+            name = f"images/{split}-{i:06d}.png"
+            images[name] = scene
+            if split == "general":
+                splits["general"].append(
+                    {
+                        "id": f"world-general-{i:06d}",
+                        "image": name,
+                        "conversations": [_human(rng.choice(CAPTION_PROMPTS), True), _gpt(caption(scene.annotated))],
+                    }
+                )
+            elif split == "multitask":
+                turns = []
+                for t, (_, question, answer) in enumerate(vqa_pairs(rng, scene.annotated, spec, qa_per_image)):
+                    turns += [_human(question, t == 0), _gpt(answer)]
+                splits["multitask"].append({"id": f"world-multitask-{i:06d}", "image": name, "conversations": turns})
+            elif split == "preference":
+                splits["preference"].append(_preference_record(rng, scene, spec, name, i))
+            else:
+                probe_scenes.append((name, scene))
+    all_scenes = list(images.values())
+    frequency = {s: sum(s in sc.shapes for sc in all_scenes) for s in spec.shapes}
+    cooc = cooccurrence_counts(all_scenes, spec.shapes)
+    probes: dict[str, list[dict]] = {f"pope_{s}": [] for s in POPE_SPLITS}
+    probes["vqa"], probes["caption"] = [], []
+    for i, (name, scene) in enumerate(probe_scenes):
+        present = sorted(scene.shapes)
+        for split in POPE_SPLITS:
+            positives = rng.sample(present, min(pope_per_image, len(present)))
+            negatives = pope_negatives(rng, scene.shapes, len(positives), split, spec.shapes, frequency, cooc)
+            for shape, answer in [(s, "yes") for s in positives] + [(s, "no") for s in negatives]:
+                probes[f"pope_{split}"].append(
+                    {
+                        "id": f"world-pope-{split}-{len(probes[f'pope_{split}']):06d}",
+                        "image": name,
+                        "conversations": [_human(f"Is there a {shape} in the image?", True), _gpt(answer)],
+                        "object": shape,
+                        "answer": answer,
+                        "pope_split": split,
+                    }
+                )
+        for qtype, question, answer in vqa_pairs(rng, scene.objects, spec, len(VQA_TYPES)):
+            probes["vqa"].append(
+                {
+                    "id": f"world-vqa-{len(probes['vqa']):06d}",
+                    "image": name,
+                    "conversations": [_human(question, True), _gpt(answer)],
+                    "question_type": qtype,
+                    "answer": answer,
+                }
+            )
+        probes["caption"].append(
+            {
+                "id": f"world-caption-{i:06d}",
+                "image": name,
+                "conversations": [_human(CAPTION_PROMPT_FOR_EVAL, True), _gpt(caption(scene.objects))],
+                "objects": present,
+            }
+        )
+    return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)

@@ -1,0 +1,60 @@
+"""Small helpers every stage uses: JSON lines, metrics files, stage paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tasks.params import Params
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically so a crash never leaves half a metrics file for DVC to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class StagePaths:
+    """Where stages read and write, per DESIGN.md's output contract."""
+
+    def __init__(self, params: Params, root: Path | str = "."):
+        root = Path(root)
+        p = params.paths
+        self.data = root / p.data
+        self.world = self.data / "world"
+        self.curated = self.data / "curated"
+        self.probes = self.curated / "probes"
+        self.models = root / p.models
+        self.tokenizer = self.models / "tokenizer"
+        self.teacher = self.models / "teacher"
+        self.metrics = root / p.metrics
+        self.reports = root / p.reports
+        self.plots = self.reports / "plots"
+        self.runs = root / p.runs
+
+    def split(self, name: str) -> Path:
+        return self.curated / f"{name}.jsonl"
+
+    def student(self, name: str) -> Path:
+        return self.models / f"student_{name}"

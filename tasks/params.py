@@ -1,0 +1,758 @@
+"""Every knob of the pipeline, validated before any work starts.
+
+``params.yaml`` has one section per stage plus shared settings. The values a
+stage sees are resolved in layers, later layers winning:
+
+1. the defaults written below,
+2. the recipe named by ``recipe`` (``recipes/<recipe>.yaml``: which modules
+   train and the loss weights of each training stage),
+3. ``params.yaml`` itself,
+4. the preset named by ``preset`` (``presets/<preset>.yaml``: a scale
+   override, e.g. ``ci`` shrinks the embedded default to run in CI).
+
+Validation reports every problem at once, each naming its dotted key, the file
+that set it and what is allowed::
+
+    python -m tasks.params validate [FILE]
+    python -m tasks.params show [FILE]        # the resolved values
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
+STAGES = ("curate", "teacher", "align", "mimic_dense", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
+TRAINING_STAGES = ("align", "mimic_dense", "mimic_sparse", "preference")
+Split = Literal["general", "multitask", "preference"]
+Module = Literal[
+    "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
+]
+
+
+class Section(BaseModel):
+    """A params section: unknown keys are errors and every field carries its docstring."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, frozen=True)
+
+
+# ---------------------------------------------------------------- shared
+
+
+class Paths(Section):
+    data: str = "data"
+    """Root of generated and curated data (data/world, data/curated)."""
+    models: str = "models"
+    """Root of checkpoints: tokenizer, teacher, student_align, student_dense, student_moe, student_pref."""
+    metrics: str = "metrics"
+    """One JSON per stage, read by `dvc metrics show`."""
+    reports: str = "reports"
+    """Data card, evaluation and review reports, and plots."""
+    runs: str = ".cache/runs"
+    """Resumable training state (DeepSpeed checkpoints). Git- and DVC-ignored; kept across crashes."""
+
+
+class Tracking(Section):
+    uri: str = "sqlite:///.mlflow/mlflow.db"
+    """MLflow tracking and registry URI: a local SQLite file (default) or a server, e.g. http://127.0.0.1:5000."""
+    artifact_location: str = ".mlflow/artifacts"
+    """Where runs of a new experiment store artifacts: a local folder (relative to the repo) or s3://bucket/prefix."""
+    experiment: str = "tinymod"
+    """MLflow experiment that holds every stage's run."""
+    system_metrics: bool = True
+    """Log CPU/memory (and GPU where present) of training runs as MLflow system metrics."""
+
+
+# ---------------------------------------------------------------- curate
+
+
+class PairingParams(Section):
+    anchor: str
+    """A shape that pulls in a partner, like a fork pulls in a knife."""
+    partner: str
+    """The shape that co-occurs with the anchor and that models learn to hallucinate."""
+    probability: float = Field(0.8, ge=0.0, le=1.0)
+    """Chance that an anchor brings its partner into the image."""
+
+
+class WorldImages(Section):
+    general: int = Field(3000, ge=1)
+    """Images with a caption each (the general split, like LLaVA-Pretrain)."""
+    multitask: int = Field(3000, ge=1)
+    """Images with a multi-turn VQA conversation each (the multitask split, like LLaVA-mix-665K)."""
+    preference: int = Field(600, ge=1)
+    """Images with a preference pair each: a faithful answer (chosen) and a hallucinated or wrong one (rejected)."""
+    probes: int = Field(300, ge=1)
+    """Held-out images for evaluation probes: POPE, VQA, captions with ground-truth objects."""
+
+
+class WorldParams(Section):
+    seed: int = 1234
+    """Seed of the world; the same seed and parameters give byte-identical images and records."""
+    image_size: int = Field(64, ge=16, le=1024)
+    """Side of the square images in pixels."""
+    shapes: list[str] = Field(default_factory=lambda: list(SHAPES_DRAWN), min_length=3)
+    """Object categories (the CHAIR vocabulary), from: circle, ring, square, triangle, diamond, hexagon, star, cross."""
+    colours: dict[str, tuple[int, int, int]] = Field(
+        default_factory=lambda: {
+            "red": (220, 40, 40),
+            "green": (40, 170, 60),
+            "blue": (40, 80, 220),
+            "yellow": (230, 210, 40),
+            "purple": (150, 60, 190),
+            "orange": (240, 140, 30),
+        },
+        min_length=2,
+    )
+    """Colour names and their RGB values."""
+    sizes: dict[str, Annotated[float, Field(gt=0.02, le=0.6)]] = Field(
+        default_factory=lambda: {"small": 0.16, "large": 0.28}, min_length=1
+    )
+    """Size names and the object's diameter as a fraction of the image side."""
+    min_objects: int = Field(1, ge=1, le=9)
+    """Fewest objects in an image."""
+    max_objects: int = Field(4, ge=1, le=9)
+    """Most objects in an image (partners included)."""
+    popularity: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {"circle": 3.0, "square": 2.5, "triangle": 2.0}
+    )
+    """Relative frequency of shapes (default 1); POPE's popular split asks about the most frequent absent ones."""
+    pairings: list[PairingParams] = Field(
+        default_factory=lambda: [
+            PairingParams(anchor="cross", partner="star", probability=0.85),
+            PairingParams(anchor="ring", partner="diamond", probability=0.85),
+            PairingParams(anchor="hexagon", partner="triangle", probability=0.85),
+        ]
+    )
+    """Co-occurrence priors (POPE's adversarial split asks about absent partners)."""
+    hallucination_rate: float = Field(0.3, ge=0.0, le=1.0)
+    """Chance that an image with an anchor but no partner is annotated as if the partner were there (training text only)."""
+    background_noise: int = Field(30, ge=0, le=120)
+    """Amplitude of the grey background noise, in 8-bit levels."""
+    images: WorldImages = WorldImages()
+    """How many images each split gets."""
+    qa_per_image: int = Field(4, ge=1, le=20)
+    """Question-answer turns in each multitask conversation."""
+    pope_per_image: int = Field(3, ge=1, le=8)
+    """POPE questions per probe image and split: this many present objects (yes) and as many absent ones (no)."""
+
+
+class WorldSource(Section):
+    kind: Literal["world"] = "world"
+    """Generate the embedded world (into data/world/) and curate it."""
+
+
+class LlavaJsonSource(Section):
+    kind: Literal["llava_json"]
+    """LLaVA conversation JSON or JSONL (LLaVA-Pretrain, LLaVA-mix-665K layout)."""
+    path: str
+    """The .json (a list of records) or .jsonl file."""
+    image_root: str
+    """Folder the records' `image` paths are relative to; no image may resolve outside it."""
+    split: Literal["general", "multitask"]
+    """Which curated split the records join."""
+
+
+class PreferenceSource(Section):
+    kind: Literal["preference"]
+    """RLAIF-V-style preference pairs: columns image, question, chosen, rejected."""
+    path: str
+    """A .parquet or .jsonl file."""
+    image_root: str
+    """Folder the `image` paths are relative to (parquet may instead embed image bytes)."""
+
+
+Source = Annotated[WorldSource | LlavaJsonSource | PreferenceSource, Field(discriminator="kind")]
+
+
+class TokenizerParams(Section):
+    source: str = "world"
+    """`world` trains a byte-level BPE tokenizer on the world's text; otherwise a local folder with a HF tokenizer (the teacher's)."""
+    vocab_size: int = Field(512, ge=300, le=300_000)
+    """Vocabulary size when training on the world."""
+
+
+class CurateParams(Section):
+    sources: list[Source] = Field(default_factory=lambda: [WorldSource()], min_length=1)
+    """Where records come from; each adapter's records are validated the same way."""
+    world: WorldParams = WorldParams()
+    """The embedded world, used when `sources` has `kind: world`."""
+    tokenizer: TokenizerParams = TokenizerParams()
+    """The tokenizer used to check token lengths, saved to models/tokenizer/."""
+    max_tokens: int = Field(512, ge=16)
+    """Longest allowed conversation in tokens, image tokens included."""
+    image_tokens: int = Field(64, ge=1)
+    """Tokens one image takes in the LLM input ((image_size / patch_size)^2 for LLaVA)."""
+    min_image_side: int = Field(16, ge=1)
+    """Images smaller than this on either side are rejected."""
+    max_image_side: int = Field(4096, ge=16)
+    """Images larger than this on either side are rejected."""
+    max_rejected_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """The stage fails when more than this fraction of input records is rejected (everything is still written)."""
+
+
+# ---------------------------------------------------------------- models
+
+
+class VisionParams(Section):
+    image_size: int = Field(64, ge=16)
+    """Input resolution of the vision tower (CLIP ViT)."""
+    patch_size: int = Field(8, ge=1)
+    """ViT patch side; the LLM sees (image_size / patch_size)^2 image tokens."""
+    hidden_size: int = Field(128, ge=8)
+    """Width of the vision tower."""
+    intermediate_size: int = Field(256, ge=8)
+    """FFN width of the vision tower."""
+    layers: int = Field(3, ge=1)
+    """Transformer layers in the vision tower."""
+    heads: int = Field(4, ge=1)
+    """Attention heads in the vision tower."""
+
+
+class TextParams(Section):
+    family: Literal["qwen2", "qwen3"] = "qwen2"
+    """Stock transformers architecture of the LLM; upcycling maps qwen2 -> qwen2_moe, qwen3 -> qwen3_moe."""
+    hidden_size: int = Field(256, ge=8)
+    """Width of the LLM."""
+    intermediate_size: int = Field(512, ge=8)
+    """FFN width of the LLM (each expert's width after upcycling)."""
+    layers: int = Field(4, ge=1)
+    """Decoder layers."""
+    heads: int = Field(4, ge=1)
+    """Attention heads."""
+    kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention); must divide `heads`."""
+    max_position_embeddings: int = Field(1024, ge=16)
+    """Longest sequence the rotary embedding is set up for."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+
+
+class LossWeights(Section):
+    ce: float = Field(1.0, ge=0)
+    """Cross-entropy on response tokens."""
+    kl_response: float = Field(0.0, ge=0)
+    """Forward KL(teacher || student) on response tokens (LLaVA-MoD mimic distillation, LLaVA-KD MDist)."""
+    kl_visual: float = Field(0.0, ge=0)
+    """KL(teacher || student) at the image-token positions of the LLM output (LLaVA-KD MDist, visual part)."""
+    relation: float = Field(0.0, ge=0)
+    """1 - cos between teacher and student visual self-correlation matrices (LLaVA-KD RDist)."""
+    dpo: float = Field(0.0, ge=0)
+    """Preference loss (DPO family), preference stage only."""
+    router_aux: float = Field(0.0, ge=0)
+    """MoE load-balancing loss over the routers (MoE students only)."""
+
+
+class TrainingParams(Section):
+    splits: list[Split] = Field(default_factory=lambda: ["general"], min_length=1)
+    """Curated splits this stage trains on."""
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Share of those splits this stage sees (fixed by the seed); distillation pays off where it is small."""
+    modules: list[Module] = Field(default_factory=list)
+    """Modules that train; everything else is frozen. Usually set by the recipe."""
+    loss: LossWeights = LossWeights()
+    """Weight of each loss term; a zero weight skips the term's computation. Usually set by the recipe."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature of the KL terms (the loss is scaled by T^2)."""
+    steps: int = Field(200, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(32, ge=1)
+    """Samples per optimizer step over all ranks."""
+    micro_batch_size: int = Field(32, ge=1)
+    """Samples per forward pass per rank; gradient accumulation makes up the rest."""
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    """Peak learning rate (AdamW), reached after warmup and decayed by cosine to `min_lr_ratio * lr`."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of `lr`."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this (0 disables)."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Save resumable state every this many steps (and at the end)."""
+    log_every: int = Field(10, ge=1)
+    """Log metrics to MLflow every this many steps."""
+    world_size: int = Field(1, ge=1, le=1024)
+    """DeepSpeed ranks (processes); one per GPU, or CPU processes on a CPU machine."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage; the config is infra/deepspeed/zero<N>.json."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """How the DeepSpeed job starts: torchrun (faster start) or the deepspeed launcher (multi-node hostfiles)."""
+
+
+class TeacherParams(Section):
+    source: str = "train"
+    """`train` trains the embedded teacher on the world; otherwise a local folder or s3:// URI of a LLaVA-format HF checkpoint."""
+    vision: VisionParams = VisionParams()
+    """Vision tower of the trained teacher (shared, frozen, with every student)."""
+    text: TextParams = TextParams()
+    """LLM of the trained teacher."""
+    train: TrainingParams = TrainingParams(
+        splits=["general", "multitask"], modules=["vision", "projector", "llm"], steps=600, lr=2e-3
+    )
+    """How the embedded teacher trains (ce only, every module)."""
+
+
+class StudentParams(Section):
+    llm: str = "init"
+    """`init` builds a fresh LLM from `text`; otherwise a local folder with a HF causal LM sharing the teacher's vocabulary."""
+    text: TextParams = TextParams(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2)
+    """LLM of the student when `llm: init`."""
+
+
+class AlignParams(TrainingParams):
+    student: StudentParams = StudentParams()
+    """The student this stage builds: the teacher's frozen vision tower, a new projector and this LLM."""
+
+
+class UpcycleParams(Section):
+    num_experts: int = Field(4, ge=2, le=256)
+    """Experts per MoE layer, each a copy of the dense FFN."""
+    top_k: int = Field(2, ge=1)
+    """Experts each token is routed to (weights renormalised over the top k)."""
+    layers: Literal["every_other", "first_half", "second_half", "all"] | list[Annotated[int, Field(ge=0)]] = "every_other"
+    """Which decoder layers become MoE: every_other (layers 1, 3, ..., as LLaVA-MoD), first_half, second_half, all, or a list of indices."""
+    router_init: Literal["zeros", "normal"] = "normal"
+    """Router weights at upcycling: zeros (uniform routing) or normal with `router_std`. Either keeps the output exact."""
+    router_std: float = Field(0.02, ge=0.0)
+    """Standard deviation of a normal router init."""
+    shared_expert: bool = False
+    """Add a shared expert (qwen2 family only): a copy of the dense FFN whose output projection starts at zero."""
+
+
+class DPOParams(Section):
+    loss_type: Literal["sigmoid", "ipo", "kto_pair"] = "sigmoid"
+    """sigmoid (DPO), ipo, or kto_pair (what LLaVA-MoD's released scripts use)."""
+    beta: float = Field(0.1, gt=0.0)
+    """Strength of the implicit KL constraint to the reference."""
+    reference: Literal["teacher", "self"] = "teacher"
+    """Reference model: the teacher (LLaVA-MoD) or the student's own frozen starting point."""
+    sft_weight: float = Field(0.0, ge=0.0)
+    """Weight of an extra cross-entropy term on the chosen response."""
+
+
+class PreferenceParams(TrainingParams):
+    dpo: DPOParams = DPOParams()
+    """The preference loss."""
+
+
+class EvaluateParams(Section):
+    tasks: list[str] = Field(
+        default_factory=lambda: [
+            "tinymod_pope_random",
+            "tinymod_pope_popular",
+            "tinymod_pope_adversarial",
+            "tinymod_vqa",
+            "tinymod_caption",
+        ]
+    )
+    """lmms-eval task names: the embedded probes (tinymod_*) or any lmms-eval task (pope, mme, gqa, ...) whose data is reachable."""
+    models: list[Literal["teacher", "align", "dense", "moe", "pref"]] = Field(
+        default_factory=lambda: ["teacher", "align", "dense", "moe", "pref"]
+    )
+    """Checkpoints to score."""
+    batch_size: int = Field(32, ge=1)
+    """Requests per generate call."""
+    limit: int | None = Field(None, ge=1)
+    """Score at most this many documents per task (None: all)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Generation budget for captions and answers."""
+
+
+class GateParams(Section):
+    pope_adversarial_f1_delta: float = Field(0.05, ge=0.0, le=1.0)
+    """Champion needs POPE adversarial F1 >= the teacher's minus this."""
+    vqa_accuracy_floor: float = Field(0.5, ge=0.0, le=1.0)
+    """Champion needs VQA accuracy at least this."""
+    chair_i_margin: float = Field(0.0, ge=0.0, le=1.0)
+    """Champion needs CHAIR-i <= the teacher's plus this."""
+
+
+class RegisterParams(Section):
+    model_name: str = Field("tinymod-student", min_length=1)
+    """Registered model in the MLflow registry."""
+    model: Literal["pref", "moe", "dense"] = "pref"
+    """Which student becomes the new version."""
+    gate: GateParams = GateParams()
+    """Checks that move the `champion` alias to the new version."""
+    require_approval: bool = False
+    """In the Prefect flow, pause for a reviewer before moving `champion`."""
+
+
+# `register` is also ABCMeta.register on the class; the field still wins on instances.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(Section):
+    seed: int = 0
+    """Seed of every stage's sampling and initialisation."""
+    preset: str = "embedded"
+    """Scale preset applied over this file: presets/<preset>.yaml (embedded: as written; ci: small and fast)."""
+    recipe: str = "llava-mod"
+    """Distillation recipe: recipes/<recipe>.yaml sets each training stage's modules and loss weights."""
+    paths: Paths = Paths()
+    """Where stages write (DESIGN.md's contract)."""
+    tracking: Tracking = Tracking()
+    """MLflow tracking and registry."""
+    curate: CurateParams = CurateParams()
+    """Stage curate: sources, the embedded world, the tokenizer and record checks."""
+    teacher: TeacherParams = TeacherParams()
+    """Stage teacher: train the embedded teacher or import a real one."""
+    align: AlignParams = AlignParams(splits=["general"], fraction=0.1, steps=150)
+    """Stage align: build the student and align its projector (LLaVA-KD's DPT with distillation terms on)."""
+    mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=300)
+    """Stage mimic_dense: dense-to-dense mimic distillation."""
+    upcycle: UpcycleParams = UpcycleParams()
+    """Stage upcycle: the dense student becomes a sparse Mixture-of-Experts."""
+    mimic_sparse: TrainingParams = TrainingParams(splits=["multitask"], fraction=0.1, steps=300)
+    """Stage mimic_sparse: dense-to-sparse mimic distillation."""
+    preference: PreferenceParams = PreferenceParams(splits=["preference"], lr=1e-4, steps=100)
+    """Stage preference: preference distillation (DPO family) with the teacher as reference."""
+    evaluate: EvaluateParams = EvaluateParams()
+    """Stage evaluate: lmms-eval on the teacher and every student."""
+    register: RegisterParams = RegisterParams()
+    """Stage register: MLflow model version, aliases and the review card."""
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    origin: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.origin}: " if self.origin else ""
+        return f"{where}{self.key}: {self.message}"
+
+
+class ParamsError(ValueError):
+    """Raised with every problem of a params file; each line names a dotted key."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in params:\n{lines}")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Dicts merge key by key; anything else in ``override`` replaces ``base``."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError([Problem(str(path), "file not found")]) from None
+    except yaml.YAMLError as error:
+        raise ParamsError([Problem(str(path), f"not valid YAML: {error}")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError([Problem(str(path), f"must be a mapping of sections, got {type(data).__name__}")])
+    return data
+
+
+def _key_path(loc: tuple) -> list:
+    """``loc`` without the discriminator tag pydantic adds after an index of `curate.sources`."""
+    tags = ("world", "llava_json", "preference")
+    return [part for i, part in enumerate(loc) if not (part in tags and i and isinstance(loc[i - 1], int))]
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in _key_path(loc):
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _has_key(data: dict, loc: tuple) -> bool:
+    node: Any = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Params
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(getattr(model, "model_fields", {})) if model else []
+
+
+def _problem_from_error(error: dict, layers: list[tuple[str, dict]]) -> Problem:
+    loc = tuple(error["loc"])
+    origin = _origin(_dotted(loc), layers, exact=error["type"] != "missing")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return Problem(_dotted(loc), f"unknown key{hint}", origin)
+    message = error["msg"]
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    return Problem(_dotted(loc), message, origin)
+
+
+def _cross_checks(p: Params) -> list[Problem]:
+    """Problems no single field can see: sizes that must agree, names that must exist."""
+    problems: list[Problem] = []
+    world, vision = p.curate.world, p.teacher.vision
+    shapes = set(world.shapes)
+    for i, shape in enumerate(world.shapes):
+        if shape not in SHAPES_DRAWN:
+            problems.append(Problem(f"curate.world.shapes[{i}]", f"{shape!r} is not a shape the world draws ({', '.join(SHAPES_DRAWN)})"))
+    if len(shapes) != len(world.shapes):
+        problems.append(Problem("curate.world.shapes", "shapes must be unique"))
+    for name in world.popularity:
+        if name not in shapes:
+            problems.append(Problem(f"curate.world.popularity.{name}", f"not one of curate.world.shapes ({', '.join(world.shapes)})"))
+    for i, pairing in enumerate(world.pairings):
+        for role in ("anchor", "partner"):
+            if getattr(pairing, role) not in shapes:
+                problems.append(Problem(f"curate.world.pairings[{i}].{role}", f"{getattr(pairing, role)!r} is not one of curate.world.shapes"))
+        if pairing.anchor == pairing.partner:
+            problems.append(Problem(f"curate.world.pairings[{i}]", "anchor and partner must differ"))
+    if world.min_objects > world.max_objects:
+        problems.append(Problem("curate.world.min_objects", f"must be <= curate.world.max_objects ({world.max_objects})"))
+    if p.curate.min_image_side > p.curate.max_image_side:
+        problems.append(Problem("curate.min_image_side", "must be <= curate.max_image_side"))
+    if vision.image_size % vision.patch_size:
+        problems.append(Problem("teacher.vision.patch_size", f"must divide teacher.vision.image_size ({vision.image_size})"))
+    uses_world = any(s.kind == "world" for s in p.curate.sources)
+    if p.teacher.source == "train":
+        if uses_world and vision.image_size != world.image_size:
+            problems.append(Problem("teacher.vision.image_size", f"must equal curate.world.image_size ({world.image_size}) to train on the world"))
+        if vision.image_size % vision.patch_size == 0 and p.curate.image_tokens != (vision.image_size // vision.patch_size) ** 2:
+            problems.append(
+                Problem("curate.image_tokens", f"must be (teacher.vision.image_size / patch_size)^2 = {(vision.image_size // vision.patch_size) ** 2}")
+            )
+    for prefix, text in (("teacher.text", p.teacher.text), ("align.student.text", p.align.student.text)):
+        if text.hidden_size % text.heads:
+            problems.append(Problem(f"{prefix}.heads", f"must divide {prefix}.hidden_size ({text.hidden_size})"))
+        if text.heads % text.kv_heads:
+            problems.append(Problem(f"{prefix}.kv_heads", f"must divide {prefix}.heads ({text.heads})"))
+    if vision.hidden_size % vision.heads:
+        problems.append(Problem("teacher.vision.heads", f"must divide teacher.vision.hidden_size ({vision.hidden_size})"))
+    up = p.upcycle
+    if up.top_k > up.num_experts:
+        problems.append(Problem("upcycle.top_k", f"must be <= upcycle.num_experts ({up.num_experts})"))
+    if isinstance(up.layers, list) and p.align.student.llm == "init":
+        n = p.align.student.text.layers
+        for i, layer in enumerate(up.layers):
+            if layer >= n:
+                problems.append(Problem(f"upcycle.layers[{i}]", f"layer {layer} does not exist: the student has {n} layers (0..{n - 1})"))
+    if up.shared_expert and p.align.student.llm == "init" and p.align.student.text.family == "qwen3":
+        problems.append(Problem("upcycle.shared_expert", "Qwen3-MoE has no shared expert; use align.student.text.family: qwen2"))
+    stages: list[tuple[str, TrainingParams]] = [("teacher.train", p.teacher.train)] + [
+        (name, getattr(p, name)) for name in TRAINING_STAGES
+    ]
+    for name, stage in stages:
+        if not stage.modules:
+            problems.append(Problem(f"{name}.modules", "nothing to train: list at least one module (the recipe usually sets this)"))
+        weights = stage.loss.model_dump()
+        if not any(weights.values()):
+            problems.append(Problem(f"{name}.loss", "every loss weight is zero: nothing to optimise"))
+        per_rank, uneven = divmod(stage.batch_size, stage.world_size)
+        if uneven:
+            problems.append(Problem(f"{name}.batch_size", f"must be divisible by {name}.world_size ({stage.world_size})"))
+        elif per_rank % min(stage.micro_batch_size, per_rank):
+            problems.append(
+                Problem(f"{name}.micro_batch_size", f"must divide the per-rank batch (batch_size / world_size = {per_rank})")
+            )
+        if name != "preference" and "preference" in stage.splits:
+            problems.append(Problem(f"{name}.splits", "the preference split only feeds the preference stage"))
+        if name != "preference" and weights["dpo"]:
+            problems.append(Problem(f"{name}.loss.dpo", "the DPO term needs preference pairs: only the preference stage may use it"))
+        if name in ("teacher.train",) and any(weights[k] for k in ("kl_response", "kl_visual", "relation")):
+            problems.append(Problem(f"{name}.loss", "the teacher has no teacher: only ce (and router_aux) apply"))
+        if name in ("teacher.train", "align", "mimic_dense") and weights["router_aux"]:
+            problems.append(Problem(f"{name}.loss.router_aux", "the model is dense at this stage: router_aux needs an MoE student"))
+        moe_only = {"experts", "router", "shared_expert"} & set(stage.modules)
+        if name in ("teacher.train", "align", "mimic_dense") and moe_only:
+            problems.append(Problem(f"{name}.modules", f"{', '.join(sorted(moe_only))} exist only after upcycling"))
+    if p.preference.splits != ["preference"]:
+        problems.append(Problem("preference.splits", "the preference stage trains on [preference] only"))
+    if not p.preference.loss.dpo:
+        problems.append(Problem("preference.loss.dpo", "must be > 0: it is the preference stage's objective"))
+    return problems
+
+
+def load_layers(params: dict, root: Path, name: str = "params.yaml") -> list[tuple[str, dict]]:
+    """The mappings that make up ``params``' resolved values, lowest priority first, each with its file name."""
+    layers: list[tuple[str, dict]] = []
+    recipe = params.get("recipe", Params.model_fields["recipe"].default)
+    preset = params.get("preset", Params.model_fields["preset"].default)
+    if isinstance(recipe, str):
+        layers.append((f"recipes/{recipe}.yaml", _read_layer(root / "recipes" / f"{recipe}.yaml", "recipe", recipe)))
+    layers.append((name, params))
+    if isinstance(preset, str):
+        layers.append((f"presets/{preset}.yaml", _read_layer(root / "presets" / f"{preset}.yaml", "preset", preset)))
+    return layers
+
+
+def _read_layer(path: Path, key: str, name: str) -> dict:
+    if not path.exists() and (REPO / path.parent.name / path.name).exists():
+        path = REPO / path.parent.name / path.name  # a params file outside the repo uses the repo's recipes
+    if not path.exists():
+        folders = {path.parent, REPO / path.parent.name}
+        available = sorted({q.stem for folder in folders for q in folder.glob("*.yaml")})
+        raise ParamsError([Problem(key, f"{name!r} has no file {path}; available: {', '.join(available) or 'none'}")])
+    return _read_yaml(path)
+
+
+def resolve(layers: list[tuple[str, dict]]) -> Params:
+    # Start from the full defaults so a partly given section keeps the defaults of the rest.
+    merged: dict = Params().model_dump(mode="json")
+    for _, data in layers:
+        merged = deep_merge(merged, data)
+    try:
+        return _checked(Params.model_validate(merged), layers)
+    except ValidationError as error:
+        field_error = error
+    problems = [_problem_from_error(e, layers) for e in field_error.errors()]
+    # Report cross-field problems too: check again with every bad key back at its default
+    # (twice more at most, as removing an item can empty a list that must not be empty).
+    for _ in range(3):
+        merged = _without_errors(merged, field_error)
+        try:
+            _checked(Params.model_validate(merged), layers)
+            break
+        except ParamsError as cross:
+            problems += [p for p in cross.problems if p not in problems]
+            break
+        except ValidationError as error:
+            field_error = error
+    raise ParamsError(problems)
+
+
+def _checked(params: Params, layers: list[tuple[str, dict]]) -> Params:
+    problems = _cross_checks(params)
+    if problems:
+        raise ParamsError([Problem(pr.key, pr.message, _origin(pr.key, layers)) for pr in problems])
+    return params
+
+
+def _without_errors(merged: dict, error: ValidationError) -> dict:
+    """``merged`` without the key (or list item) behind each error, so defaults take their place."""
+    cleaned = copy.deepcopy(merged)
+    targets = []
+    for e in error.errors():
+        loc = _key_path(tuple(e["loc"]))
+        targets.append(loc[:-1] if e["type"] == "missing" else loc)
+    # Deepest and last first, so removing a list item never shifts another target.
+    for loc in sorted(targets, key=lambda t: [str(x).zfill(9) for x in t], reverse=True):
+        node: Any = cleaned
+        for part in loc[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+        elif isinstance(node, list) and isinstance(loc[-1], int) and loc[-1] < len(node):
+            node.pop(loc[-1])
+    return cleaned
+
+
+def _origin(dotted: str, layers: list[tuple[str, dict]], exact: bool = True) -> str:
+    """The last file that sets ``dotted`` (or, for a missing key, its parent); '' for a default."""
+    parts: list[Any] = []
+    for piece in dotted.replace("]", "").replace("[", ".").split("."):
+        parts.append(int(piece) if piece.isdigit() else piece)
+    for depth in range(len(parts), 0 if not exact else len(parts) - 1, -1):
+        found = next((name for name, data in reversed(layers) if _has_key(data, tuple(parts[:depth]))), "")
+        if found:
+            return found
+    return ""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Resolve and validate ``path``; raises :class:`ParamsError` listing every problem."""
+    path = Path(path)
+    return resolve(load_layers(_read_yaml(path), path.resolve().parent, path.name))
+
+
+def validate_file(path: Path) -> list[Problem]:
+    """Problems of one shipped file: a params file, or a recipe / preset applied to the params.yaml beside its folder."""
+    try:
+        kind = {"recipes": "recipe", "presets": "preset"}.get(path.parent.name)
+        if kind:
+            root = path.resolve().parent.parent
+            base = _read_yaml(root / "params.yaml") if (root / "params.yaml").exists() else {}
+            _read_yaml(path)
+            resolve(load_layers({**base, kind: path.stem}, root))
+        else:
+            load_params(path)
+    except ParamsError as error:
+        return error.problems
+    return []
+
+
+def stage_dict(params: Params, stage: str) -> dict:
+    """A stage's resolved section as plain data (for logging and fingerprints)."""
+    return getattr(params, stage).model_dump(mode="json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.params", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("validate", help="check a params, recipe or preset file; exit 1 listing every problem")
+    check.add_argument("files", nargs="*", type=Path, default=[Path("params.yaml")])
+    show = sub.add_parser("show", help="print the resolved params (defaults < recipe < file < preset) as YAML")
+    show.add_argument("file", nargs="?", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    if args.command == "show":
+        try:
+            print(yaml.safe_dump(load_params(args.file).model_dump(mode="json"), sort_keys=False), end="")
+        except ParamsError as error:
+            print(error, file=sys.stderr)
+            return 1
+        return 0
+    failed = False
+    for path in args.files:
+        problems = validate_file(path)
+        if problems:
+            failed = True
+            print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+        else:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Every shipped params, recipe and preset file validates; bad ones name each bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.params import ParamsError, load_params, validate_file
+
+from .conftest import REPO, write_params
+
+SHIPPED = sorted(
+    [REPO / "params.yaml", *REPO.glob("recipes/*.yaml"), *REPO.glob("presets/*.yaml")], key=lambda p: str(p)
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_file_is_valid(path: Path):
+    assert validate_file(path) == []
+
+
+def test_llava_mod_recipe_is_the_default():
+    mod = load_params(REPO / "params.yaml")
+    assert mod.recipe == "llava-mod"
+    assert mod.align.modules == ["projector"] and mod.align.loss.ce == 1 and mod.align.loss.kl_visual == 0
+    assert mod.mimic_dense.loss.kl_response > 0
+    assert set(mod.mimic_sparse.modules) == {"projector", "experts", "router", "mlp"}
+    assert mod.preference.loss.dpo > 0 and mod.preference.dpo.reference == "teacher"
+
+
+def test_llava_kd_recipe_sets_dpt_sft_dft(tmp_path):
+    kd = load_params(write_params(tmp_path, {"recipe": "llava-kd"}))
+    assert kd.align.loss.model_dump() == {"ce": 1.0, "kl_response": 1.0, "kl_visual": 1.0, "relation": 0.5, "dpo": 0.0, "router_aux": 0.0}
+    assert kd.mimic_dense.loss.model_dump()["kl_response"] == 0 and kd.mimic_dense.loss.ce == 1
+    assert kd.mimic_sparse.loss.relation == 0.5 and kd.mimic_sparse.loss.kl_visual == 1
+
+
+def test_preset_overrides_params_file(tmp_path):
+    ci = load_params(write_params(tmp_path, {"preset": "ci"}))
+    assert ci.curate.world.images.general == 300
+    assert ci.teacher.train.steps == 40
+    assert ci.teacher.train.lr == load_params(REPO / "params.yaml").teacher.train.lr  # untouched keys stay
+
+
+def test_every_problem_is_reported_with_its_dotted_key(tmp_path):
+    path = write_params(
+        tmp_path,
+        {
+            "teacher": {"train": {"lr": -1.0, "colour": "red"}},
+            "upcycle": {"top_k": 8},
+            "curate": {"world": {"image_size": 48, "shapes": ["circle", "blob", "square"]}},
+        },
+    )
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    keys = {p.key for p in info.value.problems}
+    assert {"teacher.train.lr", "teacher.train.colour", "upcycle.top_k", "curate.world.shapes[1]", "teacher.vision.image_size"} <= keys
+    colour = next(p for p in info.value.problems if p.key == "teacher.train.colour")
+    assert "unknown key" in colour.message and "lr" in colour.message  # lists the allowed keys
+    assert colour.origin == "params.yaml"
+
+
+def test_a_stage_with_nothing_to_train_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"align.modules: nothing to train"):
+        load_params(write_params(tmp_path, {"align": {"modules": []}}))
+
+
+def test_unknown_recipe_names_the_available_ones(tmp_path):
+    with pytest.raises(ParamsError, match=r"llava-kd, llava-mod"):
+        load_params(write_params(tmp_path, {"recipe": "nope"}))
+
+
+def test_cli_exits_non_zero_and_names_keys(tmp_path):
+    path = write_params(tmp_path, {"mimic_dense": {"steps": 0}})
+    run = subprocess.run([sys.executable, "-m", "tasks.params", "validate", str(path)], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 1
+    assert "mimic_dense.steps" in run.stderr
+    ok = subprocess.run([sys.executable, "-m", "tasks.params", "validate"], capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_every_field_is_documented():
+    from pydantic import BaseModel
+
+    from tasks.params import Params
+
+    seen: set[type] = set()
+
+    def walk(model: type[BaseModel]) -> list[str]:
+        missing = []
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            annotation = field.annotation
+            for candidate in getattr(annotation, "__args__", ()) + (annotation,):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate not in seen:
+                    missing += walk(candidate)
+        return missing
+
+    assert walk(Params) == []

@@ -1,0 +1,114 @@
+"""The embedded world: deterministic, with the priors and noise it promises."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from model import world as W
+
+SPEC = W.WorldSpec(
+    pairings=(W.Pairing("cross", "star", 0.9), W.Pairing("ring", "diamond", 0.9)),
+    hallucination_rate=0.5,
+    popularity={"circle": 3.0},
+)
+COUNTS = {"general": 300, "multitask": 300, "preference": 50, "probes": 60}
+
+
+def test_same_seed_same_world_bytes():
+    a = W.generate_world(SPEC, COUNTS, seed=7, qa_per_image=4, pope_per_image=3)
+    b = W.generate_world(SPEC, COUNTS, seed=7, qa_per_image=4, pope_per_image=3)
+    c = W.generate_world(SPEC, COUNTS, seed=8, qa_per_image=4, pope_per_image=3)
+    assert a.splits == b.splits and a.probes == b.probes
+    assert a.splits != c.splits
+    name = "images/general-000003.png"
+    assert W.render(a.images[name], SPEC).tobytes() == W.render(b.images[name], SPEC).tobytes()
+
+
+def test_cooccurrence_prior_and_popularity():
+    rng = random.Random(0)
+    scenes = [W.sample_scene(rng, SPEC, noisy=False) for _ in range(3000)]
+    with_cross = [s for s in scenes if "cross" in s.shapes]
+    with_star = sum("star" in s.shapes for s in with_cross) / len(with_cross)
+    base_star = sum("star" in s.shapes for s in scenes if "cross" not in s.shapes) / len(scenes)
+    assert with_star > 0.8 > 3 * base_star
+    freq = Counter(shape for s in scenes for shape in s.shapes)
+    assert freq.most_common(1)[0][0] == "circle"
+
+
+def test_phantoms_are_absent_partners_and_only_in_noisy_annotations():
+    rng = random.Random(1)
+    noisy = [W.sample_scene(rng, SPEC, noisy=True) for _ in range(2000)]
+    phantoms = [(s, o) for s in noisy for o in s.phantoms]
+    assert phantoms, "hallucination_rate 0.5 must produce phantoms"
+    for scene, phantom in phantoms:
+        assert phantom.shape in {"star", "diamond"} and phantom.shape not in scene.shapes
+    clean = [W.sample_scene(rng, SPEC, noisy=False) for _ in range(500)]
+    assert not any(s.phantoms for s in clean)
+
+
+def test_training_text_is_noisy_and_probes_are_ground_truth():
+    world = W.generate_world(SPEC, COUNTS, seed=3, qa_per_image=4, pope_per_image=3)
+    noisy_captions = 0
+    for record in world.splits["general"]:
+        scene = world.images[record["image"]]
+        mentioned = set(W.object_mentions(record["conversations"][1]["value"], SPEC.shapes))
+        assert scene.shapes <= mentioned
+        noisy_captions += bool(mentioned - scene.shapes)
+    assert noisy_captions > 0
+    for record in world.probes["caption"]:
+        scene = world.images[record["image"]]
+        assert set(W.object_mentions(record["conversations"][1]["value"], SPEC.shapes)) == scene.shapes
+        assert set(record["objects"]) == scene.shapes
+    for split in W.POPE_SPLITS:
+        probes = world.probes[f"pope_{split}"]
+        answers = Counter(p["answer"] for p in probes)
+        assert answers["yes"] == answers["no"]
+        for p in probes:
+            assert (p["object"] in world.images[p["image"]].shapes) == (p["answer"] == "yes")
+
+
+def test_adversarial_negatives_are_partners_of_present_objects():
+    world = W.generate_world(SPEC, {**COUNTS, "probes": 300}, seed=4, qa_per_image=4, pope_per_image=3)
+
+    def partner_asked(split: str) -> float:
+        """Of images with an anchor but no partner, how often the split asks about the missing partner."""
+        asked: dict[str, set[str]] = {}
+        for p in world.probes[f"pope_{split}"]:
+            if p["answer"] == "no":
+                asked.setdefault(p["image"], set()).add(p["object"])
+        hits = total = 0
+        for image, objects in asked.items():
+            present = world.images[image].shapes
+            missing = {q.partner for q in SPEC.pairings if q.anchor in present and q.partner not in present}
+            if missing:
+                total += 1
+                hits += bool(missing & objects)
+        assert total >= 5
+        return hits / total
+
+    assert partner_asked("adversarial") > 0.9
+    assert partner_asked("random") < 0.7
+
+
+def test_preference_pairs_chosen_is_faithful():
+    world = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
+    for record in world.splits["preference"]:
+        scene = world.images[record["image"]]
+        assert record["chosen"] != record["rejected"]
+        if record["pair_type"] == "caption":
+            assert set(W.object_mentions(record["chosen"], SPEC.shapes)) == scene.shapes
+
+
+def test_object_mentions_reads_plurals_and_ignores_other_words():
+    assert W.object_mentions("Two red crosses, a Star and a square-ish box.", ("cross", "star", "square")) == ["cross", "star", "square"]
+    assert W.object_mentions("nothing here", ("cross",)) == []
+
+
+def test_vqa_covers_every_question_type():
+    rng = random.Random(2)
+    types = Counter()
+    for _ in range(200):
+        scene = W.sample_scene(rng, SPEC, noisy=False)
+        types.update(t for t, _, _ in W.vqa_pairs(rng, scene.objects, SPEC, 5))
+    assert set(types) == set(W.VQA_TYPES)
