@@ -58,7 +58,8 @@ class WorldSpec:
             "orange": (240, 140, 30),
         }
     )
-    sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.16, "large": 0.28})
+    sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.55, "large": 0.9})
+    jitter: float = 0.1
     min_objects: int = 1
     max_objects: int = 4
     popularity: dict[str, float] = field(default_factory=dict)
@@ -114,14 +115,17 @@ def position_name(x: float, y: float) -> str:
 
 
 def _place(rng: random.Random, spec: WorldSpec, size: str, placed: list[WorldObject]) -> tuple[float, float] | None:
-    radius = spec.sizes[size] / 2
-    for _ in range(50):
-        x = rng.uniform(radius, 1 - radius)
-        y = rng.uniform(radius, 1 - radius)
-        # Objects never touch, so every object is visible and countable.
-        if all(math.hypot(x - o.x, y - o.y) > radius + spec.sizes[o.size] / 2 + 0.02 for o in placed):
-            return x, y
-    return None
+    """The centre of a free cell of the 3x3 grid, jittered; None when every cell is taken."""
+    taken = {(min(int(o.x * 3), 2), min(int(o.y * 3), 2)) for o in placed}
+    free = [(col, row) for row in range(3) for col in range(3) if (col, row) not in taken]
+    if not free:
+        return None
+    col, row = rng.choice(free)
+    # Jitter stays inside the cell, so an object never crosses into a neighbour's position.
+    slack = max(0.0, (1 - spec.sizes[size]) / 2) * spec.jitter * 2
+    x = (col + 0.5 + rng.uniform(-slack, slack)) / 3
+    y = (row + 0.5 + rng.uniform(-slack, slack)) / 3
+    return x, y
 
 
 def _new_object(rng: random.Random, spec: WorldSpec, shape: str, placed: list[WorldObject]) -> WorldObject | None:
@@ -211,8 +215,9 @@ def render(scene: Scene, spec: WorldSpec) -> Image.Image:
     grey = base + rng.integers(-spec.background_noise, spec.background_noise + 1, size=(px, px))
     image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L").convert("RGB")
     draw = ImageDraw.Draw(image)
+    cell = px / 3
     for obj in scene.objects:
-        _draw(draw, obj.shape, obj.x * px, obj.y * px, spec.sizes[obj.size] * px / 2, spec.colours[obj.colour])
+        _draw(draw, obj.shape, obj.x * px, obj.y * px, spec.sizes[obj.size] * cell / 2, spec.colours[obj.colour])
     return image
 
 

@@ -136,6 +136,7 @@ def world_spec(params: CurateParams) -> W.WorldSpec:
         pairings=tuple(W.Pairing(p.anchor, p.partner, p.probability) for p in w.pairings),
         hallucination_rate=w.hallucination_rate,
         background_noise=w.background_noise,
+        jitter=w.jitter,
     )
 
 

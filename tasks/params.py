@@ -99,8 +99,8 @@ class WorldImages(Section):
 class WorldParams(Section):
     seed: int = 1234
     """Seed of the world; the same seed and parameters give byte-identical images and records."""
-    image_size: int = Field(64, ge=16, le=1024)
-    """Side of the square images in pixels."""
+    image_size: int = Field(48, ge=12, le=1024)
+    """Side of the square images in pixels; objects sit in the cells of a 3x3 grid."""
     shapes: list[str] = Field(default_factory=lambda: list(SHAPES_DRAWN), min_length=3)
     """Object categories (the CHAIR vocabulary), from: circle, ring, square, triangle, diamond, hexagon, star, cross."""
     colours: dict[str, tuple[int, int, int]] = Field(
@@ -115,14 +115,16 @@ class WorldParams(Section):
         min_length=2,
     )
     """Colour names and their RGB values."""
-    sizes: dict[str, Annotated[float, Field(gt=0.02, le=0.6)]] = Field(
-        default_factory=lambda: {"small": 0.16, "large": 0.28}, min_length=1
+    sizes: dict[str, Annotated[float, Field(gt=0.05, le=1.0)]] = Field(
+        default_factory=lambda: {"small": 0.55, "large": 0.9}, min_length=1
     )
-    """Size names and the object's diameter as a fraction of the image side."""
+    """Size names and the object's diameter as a fraction of its grid cell (a third of the image side)."""
+    jitter: float = Field(0.1, ge=0.0, le=1.0)
+    """How far an object may move off its cell's centre, as a fraction of the room the cell leaves it."""
     min_objects: int = Field(1, ge=1, le=9)
     """Fewest objects in an image."""
     max_objects: int = Field(4, ge=1, le=9)
-    """Most objects in an image (partners included)."""
+    """Most objects in an image (partners included); at most one per cell of the 3x3 grid."""
     popularity: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"circle": 3.0, "square": 2.5, "triangle": 2.0}
     )
@@ -191,7 +193,7 @@ class CurateParams(Section):
     """The tokenizer used to check token lengths, saved to models/tokenizer/."""
     max_tokens: int = Field(512, ge=16)
     """Longest allowed conversation in tokens, image tokens included."""
-    image_tokens: int = Field(64, ge=1)
+    image_tokens: int = Field(9, ge=1)
     """Tokens one image takes in the LLM input ((image_size / patch_size)^2 for LLaVA)."""
     min_image_side: int = Field(16, ge=1)
     """Images smaller than this on either side are rejected."""
@@ -205,9 +207,9 @@ class CurateParams(Section):
 
 
 class VisionParams(Section):
-    image_size: int = Field(64, ge=16)
+    image_size: int = Field(48, ge=12)
     """Input resolution of the vision tower (CLIP ViT)."""
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(16, ge=1)
     """ViT patch side; the LLM sees (image_size / patch_size)^2 image tokens."""
     hidden_size: int = Field(128, ge=8)
     """Width of the vision tower."""

@@ -51,7 +51,7 @@ def test_every_problem_is_reported_with_its_dotted_key(tmp_path):
         {
             "teacher": {"train": {"lr": -1.0, "colour": "red"}},
             "upcycle": {"top_k": 8},
-            "curate": {"world": {"image_size": 48, "shapes": ["circle", "blob", "square"]}},
+            "curate": {"world": {"image_size": 64, "shapes": ["circle", "blob", "square"]}},
         },
     )
     with pytest.raises(ParamsError) as info:
