@@ -31,3 +31,25 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
 @pytest.fixture
 def tiny_params(tmp_path: Path) -> Params:
     return load_params(write_params(tmp_path, TINY_WORLD))
+
+
+TINY_VISION = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2}
+TINY_TEXT = {"family": "qwen2", "hidden_size": 32, "intermediate_size": 64, "layers": 4, "heads": 4, "kv_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few world sentences, with the chat template and <image>."""
+    from model.tokenizer import train_tokenizer
+
+    texts = ["A small red circle at the top left.", "Is there a star in the image?", "yes", "no", "two", "user", "assistant"]
+    return train_tokenizer(texts * 20, vocab_size=300)
+
+
+@pytest.fixture
+def tiny_llava(tiny_tokenizer):
+    """A randomly initialised 16-px LLaVA with a 4-layer Qwen2 text model (4 image tokens)."""
+    from model.builders import build_llava
+    from tasks.params import TextParams, VisionParams
+
+    return build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=0).eval()

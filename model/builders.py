@@ -1,0 +1,225 @@
+"""Build, load and save LLaVA models as stock ``transformers`` classes.
+
+Teacher and student are ``LlavaForConditionalGeneration``: a CLIP vision
+tower, LLaVA's 2-layer GELU projector and a causal LM (Qwen2 / Qwen3, or
+their MoE versions after upcycling). Checkpoints are saved as safetensors with
+their processor, tokenizer and chat template, so plain ``transformers`` loads
+them with no tinymod code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from model.tokenizer import IMAGE_TOKEN
+from tasks.params import TextParams, VisionParams
+
+TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that tinymod refuses to load, with what is wrong and what to do."""
+
+
+def vision_config(v: VisionParams) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        projection_dim=v.hidden_size,
+    )
+
+
+def text_config(t: TextParams, tokenizer: PreTrainedTokenizerBase):
+    return TEXT_CONFIGS[t.family](
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def llava_config(vision: CLIPVisionConfig, text, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_tokens,
+        vision_feature_select_strategy="default",  # drop CLS: one LLM token per patch
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_llava(vision: VisionParams, text: TextParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlavaForConditionalGeneration:
+    """A freshly initialised LLaVA model (the embedded teacher)."""
+    torch.manual_seed(seed)
+    config = llava_config(vision_config(vision), text_config(text, tokenizer), tokenizer)
+    return LlavaForConditionalGeneration(config)
+
+
+def build_processor(tokenizer: PreTrainedTokenizerBase, vision: CLIPVisionConfig) -> LlavaProcessor:
+    """LLaVA's processor for this tokenizer and vision tower: resize to the tower's input, normalise."""
+    side = vision.image_size
+    image_processor = CLIPImageProcessor(
+        size={"height": side, "width": side},
+        crop_size={"height": side, "width": side},
+        do_center_crop=False,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def build_student(
+    teacher: LlavaForConditionalGeneration, text: TextParams, llm: str, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> LlavaForConditionalGeneration:
+    """The teacher's vision tower (copied, to be frozen), a new projector, and a new or pretrained small LLM."""
+    torch.manual_seed(seed)
+    if llm == "init":
+        student_text = text_config(text, tokenizer)
+    else:
+        student_text = AutoConfig.from_pretrained(llm, trust_remote_code=False)
+        check_vocab(tokenizer, AutoTokenizer.from_pretrained(llm), f"student LLM {llm}")
+    config = llava_config(teacher.config.vision_config, student_text, tokenizer)
+    student = LlavaForConditionalGeneration(config)
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    if llm != "init":
+        pretrained = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=False, use_safetensors=True)
+        copy_language_model(pretrained, student)
+    return student
+
+
+def copy_language_model(causal_lm, llava: LlavaForConditionalGeneration) -> None:
+    """Copy a causal LM's decoder and head into a LLaVA model, every key and shape checked."""
+    source = causal_lm.model.state_dict()
+    target = llava.model.language_model.state_dict()
+    missing, extra = sorted(set(target) - set(source)), sorted(set(source) - set(target))
+    if missing or extra:
+        raise CheckpointError(f"student LLM does not fit the LLaVA text model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, value in source.items():
+        if value.shape != target[key].shape:
+            raise CheckpointError(f"student LLM {key}: shape {tuple(value.shape)} != {tuple(target[key].shape)}")
+    llava.model.language_model.load_state_dict(source)
+    llava.lm_head.load_state_dict(causal_lm.lm_head.state_dict())
+
+
+def save_checkpoint(model, processor: LlavaProcessor, out: Path) -> None:
+    """Safetensors + config + processor + tokenizer + chat template, written atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def fetch(ref: str, cache: Path) -> Path:
+    """A local folder for ``ref``: itself if local, else an ``s3://bucket/prefix`` downloaded through boto3."""
+    if not ref.startswith("s3://"):
+        path = Path(ref)
+        if not path.is_dir():
+            raise CheckpointError(f"{ref}: no such folder; give a local checkpoint folder or an s3://bucket/prefix URI")
+        return path
+    from infra_s3 import download_prefix  # noqa: PLC0415 - boto3 only when S3 is used
+
+    return download_prefix(ref, cache)
+
+
+def validate_checkpoint(path: Path, student_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """Refuse what tinymod cannot distil from, before anything trains. Never runs remote code or unpickles."""
+    problems: list[str] = []
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        problems.append(f"no *.safetensors weights{hint}")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        problems.append("no config.json")
+    else:
+        config = json.loads(config_file.read_text())
+        if config.get("model_type") != "llava":
+            problems.append(f"config.json model_type is {config.get('model_type')!r}, expected 'llava' (LlavaForConditionalGeneration)")
+        if config.get("auto_map"):
+            problems.append("config.json asks for remote code (auto_map); tinymod never sets trust_remote_code")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        problems.append(f"no loadable tokenizer: {error}")
+        tokenizer = None
+    if tokenizer is not None and IMAGE_TOKEN not in tokenizer.get_vocab():
+        problems.append(f"the tokenizer has no {IMAGE_TOKEN} token")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        if not hasattr(processor, "image_processor"):
+            problems.append("the processor has no image processor")
+    except (OSError, ValueError) as error:
+        problems.append(f"no loadable image processor (preprocessor_config.json): {error}")
+    if problems:
+        raise CheckpointError(f"teacher checkpoint {path} cannot be used:\n  - " + "\n  - ".join(problems))
+    if student_tokenizer is not None and tokenizer is not None:
+        check_vocab(student_tokenizer, tokenizer, f"teacher {path}")
+
+
+def check_vocab(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, what: str) -> None:
+    """KL between teacher and student needs one vocabulary: same size and same token ids."""
+    if len(student) != len(other):
+        raise CheckpointError(
+            f"vocabulary mismatch: the student tokenizer (models/tokenizer) has {len(student)} tokens, {what} has "
+            f"{len(other)}; distillation compares distributions over one shared vocabulary. Set "
+            "curate.tokenizer.source to the teacher's folder."
+        )
+    if student.get_vocab() != other.get_vocab():
+        raise CheckpointError(f"vocabulary mismatch: same size ({len(student)}) but different token ids than {what}")
+
+
+def load_llava(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a checkpoint the way a user would: plain transformers, safetensors only, no remote code."""
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,273 @@
+"""Loss terms of LLaVA-MoD and LLaVA-KD, each a small pure function.
+
+Conventions shared by every function here:
+
+- ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``H`` hidden width,
+  ``N`` selected rows (positions), ``E`` experts, ``Nv`` image tokens per sample.
+- ``labels`` are the *unshifted* targets of a causal LM (``-100`` = ignored):
+  the logits at position ``t`` predict ``labels[t + 1]``. :func:`next_token_targets`
+  does that shift once, so every term agrees on which positions are responses
+  (LLaVA-MoD's released code masks KL with the unshifted labels, an off-by-one).
+- A term with nothing to average over returns ``0`` (a zero tensor that still
+  carries gradient), never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, targets)`` for the logits positions that predict a response token.
+
+    Args:
+        labels: ``[B, T]`` unshifted labels, ``-100`` where not trained.
+
+    Returns:
+        mask: ``[B, T]`` bool, True at position ``t`` when ``labels[t + 1]`` is a response token.
+        targets: ``[B, T]`` the token each position predicts (``-100`` where ``mask`` is False).
+    """
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    return targets != IGNORE, targets
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Row-wise forward KL(teacher || student) at a softmax temperature, scaled by ``T^2``.
+
+    ``KL_i = T^2 * sum_v p_t(v) (log p_t(v) - log p_s(v))``, with ``p = softmax(logits / T)``
+    (Hinton et al. 2015; LLaVA-MoD eq. 4 "mimic distillation").
+
+    Args:
+        student_logits: ``[N, V]``.
+        teacher_logits: ``[N, V]`` (no gradient needed).
+        temperature: ``T > 0``; the ``T^2`` factor keeps gradient scale independent of ``T``.
+
+    Returns:
+        ``[N]`` per-row KL in nats.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temperature**2
+
+
+@dataclass
+class ResponseLosses:
+    """Means over response rows; ``rows`` is how many there were."""
+
+    ce: torch.Tensor
+    kl: torch.Tensor
+    rows: int
+
+
+def chunked_response_losses(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    targets: torch.Tensor,
+    teacher_logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    ce: bool = True,
+) -> ResponseLosses:
+    """Cross-entropy and forward KL on response rows, never materialising all logits at once.
+
+    ``ce = mean_i -log p_s(y_i)`` and ``kl = mean_i KL(p_t || p_s)_i`` (see :func:`forward_kl`).
+    The vocabulary projection runs ``chunk_size`` rows at a time under activation
+    checkpointing, so peak memory holds one chunk of ``[chunk, V]`` logits instead of
+    ``[N, V]`` for student and teacher (the cost that dominates distillation memory).
+
+    Args:
+        student_hidden: ``[N, H]`` the student's last hidden states at response positions.
+        student_head: the student's LM head (``H -> V``), called as a module.
+        targets: ``[N]`` next-token ids.
+        teacher_logits_of: maps teacher hidden rows ``[n, H_t]`` to logits ``[n, V]``; None skips KL.
+        teacher_hidden: ``[N, H_t]`` the teacher's hidden states at the same positions.
+        temperature: KL temperature.
+        chunk_size: rows per chunk.
+        ce: compute the cross-entropy term.
+    """
+    rows = student_hidden.shape[0]
+    zero = student_hidden.sum() * 0.0
+    if rows == 0 or (not ce and teacher_logits_of is None):
+        return ResponseLosses(zero, zero, rows)
+    ce_sum, kl_sum = zero, zero
+    for start in range(0, rows, chunk_size):
+        stop = start + chunk_size
+        t_logits = None
+        if teacher_logits_of is not None:
+            assert teacher_hidden is not None
+            with torch.no_grad():
+                t_logits = teacher_logits_of(teacher_hidden[start:stop])
+
+        def chunk_terms(hidden: torch.Tensor, chunk_targets: torch.Tensor, t_logits=t_logits) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = student_head(hidden).float()
+            ce_part = F.cross_entropy(logits, chunk_targets, reduction="sum") if ce else logits.sum() * 0.0
+            kl_part = forward_kl(logits, t_logits, temperature).sum() if t_logits is not None else logits.sum() * 0.0
+            return ce_part, kl_part
+
+        hidden = student_hidden[start:stop]
+        if hidden.requires_grad:
+            ce_part, kl_part = checkpoint(chunk_terms, hidden, targets[start:stop], use_reentrant=False)
+        else:
+            ce_part, kl_part = chunk_terms(hidden, targets[start:stop])
+        ce_sum = ce_sum + ce_part
+        kl_sum = kl_sum + kl_part
+    return ResponseLosses(ce_sum / rows, kl_sum / rows, rows)
+
+
+def visual_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """LLaVA-KD MDist, visual part: mean forward KL over the image-token positions of the LLM output.
+
+    ``L = mean_{b, j} KL(p_t(y_v[b, j]) || p_s(y_v[b, j]))`` over the ``Nv`` visual tokens of every
+    sample (arXiv 2410.16236, eq. 5: the response and the visual tokens are both distilled).
+
+    Args:
+        student_logits: ``[B, Nv, V]`` (or ``[N, V]``) logits at image-token positions.
+        teacher_logits: same shape.
+    """
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return forward_kl(s, t, temperature).mean()
+
+
+def relation_distillation(student_visual: torch.Tensor, teacher_visual: torch.Tensor) -> torch.Tensor:
+    """LLaVA-KD RDist: ``1 - cos(R_s, R_t)`` between visual self-correlation matrices, averaged over the batch.
+
+    ``R = y_v y_v^T`` (``[Nv, Nv]``) per sample, from the visual-token outputs ``y_v`` (``[Nv, V]``);
+    the cosine is between the flattened matrices (arXiv 2410.16236, eq. 6-7). The student learns how
+    its visual tokens relate to one another, not their absolute values.
+
+    Args:
+        student_visual: ``[B, Nv, V]`` student outputs at image-token positions.
+        teacher_visual: ``[B, Nv, V]`` teacher outputs at the same positions (``V`` may differ from
+            the student's only if both are features rather than logits; the matrices are ``[Nv, Nv]``).
+
+    Returns:
+        scalar in ``[0, 2]``; 0 when ``B == 0``.
+    """
+    if student_visual.shape[0] == 0:
+        return student_visual.sum() * 0.0
+    if student_visual.shape[:2] != teacher_visual.shape[:2]:
+        raise ValueError(f"visual tokens differ: student {tuple(student_visual.shape)}, teacher {tuple(teacher_visual.shape)}")
+    s = student_visual.float()
+    t = teacher_visual.float()
+    r_s = (s @ s.transpose(1, 2)).flatten(1)
+    r_t = (t @ t.transpose(1, 2)).flatten(1)
+    return (1.0 - F.cosine_similarity(r_s, r_t, dim=-1)).mean()
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load balancing over every MoE layer (Fedus et al. 2021, eq. 4-6).
+
+    ``L = E * sum_e f_e * P_e`` where, pooled over all layers' tokens, ``f_e`` is the fraction of
+    top-k assignments that go to expert ``e`` and ``P_e`` the mean router probability of ``e``.
+    Uniform routing gives ``L = top_k``; this is the quantity transformers' MoE models return as
+    ``aux_loss`` (LLaVA-MoD trains with it at 0.01 weight).
+
+    Args:
+        router_logits: one ``[B*T, E]`` tensor per MoE layer.
+        top_k: experts per token.
+        token_mask: ``[B, T]`` (1 = real token) to leave padding out; None counts every row.
+    """
+    if not router_logits:
+        raise ValueError("no router logits: the model has no MoE layer (is the student upcycled?)")
+    num_experts = router_logits[0].shape[-1]
+    mask = None if token_mask is None else token_mask.reshape(-1).float()
+    assigned = torch.zeros(num_experts, device=router_logits[0].device)
+    prob = torch.zeros(num_experts, device=router_logits[0].device)
+    rows = 0.0
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()  # [rows, E]
+        if mask is None:
+            assigned = assigned + chosen.sum(0)
+            prob = prob + probs.sum(0)
+            rows = rows + probs.shape[0]
+        else:
+            assigned = assigned + (chosen * mask[:, None]).sum(0)
+            prob = prob + (probs * mask[:, None]).sum(0)
+            rows = rows + mask.sum()
+    if float(rows) == 0:
+        return router_logits[0].sum() * 0.0
+    return num_experts * torch.sum((assigned / rows) * (prob / rows))
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of each sequence's response tokens, labels shifted.
+
+    ``log pi(y | x) = sum_{t: labels[t+1] != -100} log softmax(logits[t])[labels[t+1]]``
+
+    Args:
+        logits: ``[B, T, V]``.
+        labels: ``[B, T]`` unshifted, ``-100`` outside the response.
+
+    Returns:
+        ``[B]``; 0 for a sequence with no response token.
+    """
+    mask, targets = next_token_targets(labels)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+@dataclass
+class PreferenceLoss:
+    """Per-pair losses and the implicit rewards ``beta * (log pi - log pi_ref)``, each ``[B]``."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> PreferenceLoss:
+    """The DPO family on summed response log-probabilities (LLaVA-MoD preference distillation).
+
+    With ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta * h)``.
+    - ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``.
+    - ``kto_pair`` (TRL's paired KTO, used by LLaVA-MoD's scripts): with batch KL estimates
+      ``z_w = clamp(mean(log pi(y_w) - log pi_ref(y_w)), 0)`` and ``z_l`` likewise,
+      ``(1 - sigmoid(beta (r_w - z_l)) + 1 - sigmoid(beta (z_w - r_l))) / 2`` per pair, where
+      ``r = log pi - log pi_ref``. The KL estimates carry no gradient.
+
+    Args:
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected: ``[B]`` summed log-probs.
+        beta: ``> 0``.
+        loss_type: ``sigmoid``, ``ipo`` or ``kto_pair``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "kto_pair":
+        chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
+        rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+        losses = (1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)) + 1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))) / 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or kto_pair")
+    return PreferenceLoss(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())

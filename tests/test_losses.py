@@ -1,0 +1,145 @@
+"""Each loss term against values worked out by hand, plus the properties the engine relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import losses as L
+
+LN3 = math.log(3.0)
+
+
+def test_next_token_targets_shift_labels_by_one():
+    labels = torch.tensor([[-100, -100, 5, 6]])
+    mask, targets = L.next_token_targets(labels)
+    # Position 1 predicts token 5 and position 2 predicts 6; the last position predicts nothing.
+    assert mask.tolist() == [[False, True, True, False]]
+    assert targets.tolist() == [[-100, 5, 6, -100]]
+
+
+def test_forward_kl_by_hand():
+    # p_t = softmax([0, 0]) = [1/2, 1/2]; p_s = softmax([0, ln 3]) = [1/4, 3/4]
+    # KL = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.1438410
+    kl = L.forward_kl(torch.tensor([[0.0, LN3]]), torch.tensor([[0.0, 0.0]]))
+    assert kl.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    # T = 2: p_s = softmax([0, ln3 / 2]) = [1/(1+sqrt3), sqrt3/(1+sqrt3)]; times T^2 = 4
+    # KL = 4 * (ln((1+sqrt3)/2) - ln(3)/4) = 4 * (0.3119054 - 0.2746531) = 0.1490091
+    kl_t2 = L.forward_kl(torch.tensor([[0.0, LN3]]), torch.tensor([[0.0, 0.0]]), temperature=2.0)
+    assert kl_t2.item() == pytest.approx(0.1490091, abs=1e-6)
+    assert L.forward_kl(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_chunked_response_losses_by_hand_and_chunking_is_exact():
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    # Hidden rows are the logits themselves (identity head): student [0, ln3], teacher [0, 0].
+    hidden = torch.tensor([[0.0, LN3], [0.0, LN3]], requires_grad=True)
+    out = L.chunked_response_losses(
+        hidden, head, torch.tensor([1, 0]), teacher_logits_of=lambda h: h, teacher_hidden=torch.zeros(2, 2), chunk_size=1
+    )
+    # ce = mean(-ln 3/4, -ln 1/4) = (0.2876821 + 1.3862944) / 2 = 0.8369882
+    assert out.ce.item() == pytest.approx(0.8369882, abs=1e-6)
+    assert out.kl.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert out.rows == 2
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    teacher = torch.randn(7, 8)
+    head = torch.nn.Linear(8, 11, bias=False)
+    t_head = torch.nn.Linear(8, 11, bias=False)
+    targets = torch.randint(0, 11, (7,))
+    grads = []
+    values = []
+    for chunk in (2, 100):
+        hidden.grad = None
+        r = L.chunked_response_losses(hidden, head, targets, t_head, teacher, temperature=2.0, chunk_size=chunk)
+        (r.ce + r.kl).backward()
+        grads.append(hidden.grad.clone())
+        values.append((r.ce.item(), r.kl.item()))
+    assert values[0] == pytest.approx(values[1], abs=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # And the same as the plain, unchunked formulas.
+    logits = head(hidden)
+    assert values[0][0] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), abs=1e-6)
+    assert values[0][1] == pytest.approx(L.forward_kl(logits, t_head(teacher), 2.0).mean().item(), abs=1e-6)
+
+
+def test_losses_are_zero_when_nothing_is_unmasked():
+    head = torch.nn.Linear(4, 5)
+    empty = torch.zeros(0, 4, requires_grad=True)
+    out = L.chunked_response_losses(empty, head, torch.zeros(0, dtype=torch.long), lambda h: h, torch.zeros(0, 4))
+    assert out.ce.item() == 0.0 and out.kl.item() == 0.0 and out.rows == 0
+    out.ce.backward()  # still part of the graph
+    assert L.visual_kl(torch.zeros(0, 5), torch.zeros(0, 5)).item() == 0.0
+    assert L.relation_distillation(torch.zeros(0, 3, 5), torch.zeros(0, 3, 5)).item() == 0.0
+    assert L.sequence_logprobs(torch.zeros(1, 3, 5), torch.full((1, 3), -100)).item() == 0.0
+
+
+def test_visual_kl_is_the_mean_over_visual_tokens():
+    student = torch.tensor([[[0.0, LN3], [0.0, 0.0]]])  # [B=1, Nv=2, V=2]
+    teacher = torch.zeros(1, 2, 2)
+    # token 0: 1/2 ln(4/3); token 1: 0  -> mean 1/4 ln(4/3) = 0.0719205
+    assert L.visual_kl(student, teacher).item() == pytest.approx(0.25 * math.log(4 / 3), abs=1e-6)
+
+
+def test_relation_distillation_by_hand():
+    # R_s = I (flattened [1, 0, 0, 1]); R_t = all ones ([1, 1, 1, 1]).
+    # cos = 2 / (sqrt(2) * 2) = 0.7071068 -> loss = 0.2928932
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    assert L.relation_distillation(student, teacher).item() == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-6)
+    # Scaling the student's tokens does not change its relations.
+    assert L.relation_distillation(3 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_load_balancing_by_hand():
+    # E = 2, top-1. Tokens routed one to each expert with probs [1/4, 3/4] and [3/4, 1/4]:
+    # f = [1/2, 1/2], P = [1/2, 1/2] -> L = 2 * (1/4 + 1/4) = 1.0
+    balanced = torch.tensor([[0.0, LN3], [LN3, 0.0]])
+    assert L.load_balancing_loss([balanced], top_k=1).item() == pytest.approx(1.0, abs=1e-6)
+    # Both to expert 1: f = [0, 1], P = [1/4, 3/4] -> L = 2 * 3/4 = 1.5
+    skewed = torch.tensor([[0.0, LN3], [0.0, LN3]])
+    assert L.load_balancing_loss([skewed], top_k=1).item() == pytest.approx(1.5, abs=1e-6)
+    # A padded row is left out: only the first (balanced-looking) token counts.
+    # f = [0, 1], P = [1/4, 3/4] -> 1.5 again for the single token [0, ln3].
+    masked = L.load_balancing_loss([balanced], top_k=1, token_mask=torch.tensor([[1, 0]]))
+    assert masked.item() == pytest.approx(1.5, abs=1e-6)
+
+
+def test_sequence_logprobs_by_hand():
+    logits = torch.zeros(1, 3, 2)  # uniform: every token has log-prob ln(1/2)
+    labels = torch.tensor([[-100, 1, 0]])  # two response tokens, predicted from positions 0 and 1
+    assert L.sequence_logprobs(logits, labels).item() == pytest.approx(-2 * math.log(2), abs=1e-6)
+    logits[0, 0] = torch.tensor([0.0, LN3])  # position 0 now gives token 1 probability 3/4
+    assert L.sequence_logprobs(logits, labels).item() == pytest.approx(math.log(0.75) + math.log(0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        # h = (-1 - -2) - (-3 - -2) = 2, beta = 0.5: -log sigmoid(1) = log(1 + e^-1) = 0.3132617
+        ("sigmoid", 0.3132617),
+        # (h - 1 / (2 beta))^2 = (2 - 1)^2 = 1
+        ("ipo", 1.0),
+        # r_w = 1, r_l = -1, z_w = 1, z_l = 0: (1 - sigmoid(0.5) + 1 - sigmoid(1)) / 2 = (0.3775407 + 0.2689414) / 2
+        ("kto_pair", 0.3232411),
+    ],
+)
+def test_preference_losses_by_hand(loss_type, expected):
+    t = torch.tensor
+    out = L.preference_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.5, loss_type=loss_type)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.5) and out.rejected_rewards.item() == pytest.approx(-0.5)
+
+
+def test_bad_hyperparameters_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        L.forward_kl(torch.zeros(1, 2), torch.zeros(1, 2), temperature=0)
+    with pytest.raises(ValueError, match="beta"):
+        L.preference_loss(*[torch.zeros(1)] * 4, beta=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        L.preference_loss(*[torch.zeros(1)] * 4, beta=0.1, loss_type="hinge")

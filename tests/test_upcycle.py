@@ -1,0 +1,109 @@
+"""Sparse upcycling is exact, loads with plain transformers, and the balance loss is not lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, Qwen2MoeForCausalLM
+
+from model.builders import build_llava
+from model.losses import load_balancing_loss
+from model.upcycle import RouterLogits, UpcycleError, moe_layers, parameter_counts, routers, upcycle
+from tasks.params import TextParams, UpcycleParams, VisionParams
+
+from .conftest import TINY_TEXT, TINY_VISION
+
+
+def inputs(model, tokenizer, batch: int = 3, seed: int = 0) -> dict:
+    """Random images and text with one expanded <image> run per sample, the last sample right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    n_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    image_id = model.config.image_token_index
+    text = torch.randint(10, len(tokenizer) - 10, (batch, 12), generator=g)
+    ids = torch.cat([text[:, :2], torch.full((batch, n_image), image_id), text[:, 2:]], dim=1)
+    mask = torch.ones_like(ids)
+    mask[-1, -4:] = 0
+    side = model.config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, side, side, generator=g)}
+
+
+@pytest.mark.parametrize("layers", ["every_other", "first_half", "second_half", "all", [0, 3]])
+@pytest.mark.parametrize("router_init", ["normal", "zeros"])
+def test_upcycled_logits_equal_dense(tiny_llava, tiny_tokenizer, layers, router_init):
+    params = UpcycleParams(num_experts=4, top_k=2, layers=layers, router_init=router_init, router_std=0.5)
+    moe = upcycle(tiny_llava, params, seed=1).eval()
+    batch = inputs(tiny_llava, tiny_tokenizer)
+    with torch.no_grad():
+        dense_logits = tiny_llava(**batch).logits
+        moe_logits = moe(**batch).logits
+    assert torch.allclose(moe_logits, dense_logits, atol=1e-5), (moe_logits - dense_logits).abs().max()
+    expected = moe_layers(layers, TINY_TEXT["layers"])
+    assert len(routers(moe)) == len(expected)
+    assert moe.config.text_config.mlp_only_layers == [i for i in range(4) if i not in expected]
+
+
+def test_shared_expert_and_qwen3_are_exact_too(tiny_tokenizer):
+    for family, shared in (("qwen2", True), ("qwen3", False)):
+        dense = build_llava(VisionParams(**TINY_VISION), TextParams(**{**TINY_TEXT, "family": family}), tiny_tokenizer, 0).eval()
+        moe = upcycle(dense, UpcycleParams(num_experts=3, top_k=1, layers="all", shared_expert=shared, router_std=0.3)).eval()
+        batch = inputs(dense, tiny_tokenizer, seed=2)
+        with torch.no_grad():
+            assert torch.allclose(moe(**batch).logits, dense(**batch).logits, atol=1e-5)
+        assert moe.config.text_config.model_type == f"{family}_moe"
+
+
+def test_training_breaks_the_symmetry(tiny_llava, tiny_tokenizer):
+    """Upcycled experts start equal; a gradient step through a noisy router makes them differ."""
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2, layers="all", router_std=0.5))
+    batch = inputs(tiny_llava, tiny_tokenizer)
+    moe(**batch).logits.float().pow(2).mean().backward()
+    grad = moe.model.language_model.layers[0].mlp.experts.gate_up_proj.grad
+    assert not torch.allclose(grad[0], grad[1])
+
+
+def test_checkpoint_loads_with_plain_transformers_and_generates(tiny_llava, tiny_tokenizer, tmp_path):
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2)).eval()
+    moe.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, use_safetensors=True).eval()
+    batch = inputs(tiny_llava, tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, moe(**batch).logits, atol=1e-6)
+        out = loaded.generate(**{k: v[:1] for k, v in batch.items()}, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_balance_loss_from_hooks_equals_the_text_models_aux_loss(tiny_llava, tiny_tokenizer):
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2, layers="every_other", router_std=1.0)).eval()
+    text_config = moe.config.text_config
+    text_config.output_router_logits = True
+    causal = Qwen2MoeForCausalLM(text_config).eval()
+    causal.model.load_state_dict(moe.model.language_model.state_dict())
+    ids = torch.randint(10, len(tiny_tokenizer), (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with torch.no_grad(), RouterLogits(moe) as captured:
+        moe(input_ids=ids, attention_mask=mask)
+        expected = causal(input_ids=ids, attention_mask=mask).aux_loss
+    ours = load_balancing_loss(captured.logits, top_k=2, token_mask=mask)
+    assert len(captured.logits) == 2
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_parameter_counts(tiny_llava):
+    dense = parameter_counts(tiny_llava)
+    assert dense["active"] == dense["total"]
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2, layers="all"))
+    counts = parameter_counts(moe)
+    ffn = 3 * TINY_TEXT["hidden_size"] * TINY_TEXT["intermediate_size"]
+    routers_ = 4 * TINY_TEXT["hidden_size"] + TINY_TEXT["hidden_size"]  # router + the silent shared-expert gate
+    assert counts["total"] == dense["total"] + 4 * (3 * ffn + routers_)
+    assert counts["active"] == dense["total"] + 4 * (ffn + routers_)
+
+
+def test_bad_requests_name_the_problem(tiny_llava, tiny_tokenizer):
+    with pytest.raises(UpcycleError, match="out of range"):
+        upcycle(tiny_llava, UpcycleParams(layers=[7]))
+    qwen3 = build_llava(VisionParams(**TINY_VISION), TextParams(**{**TINY_TEXT, "family": "qwen3"}), tiny_tokenizer, 0)
+    with pytest.raises(UpcycleError, match="shared expert"):
+        upcycle(qwen3, UpcycleParams(shared_expert=True))
