@@ -164,7 +164,7 @@ def fetch(ref: str, cache: Path) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"{ref}: no such folder; give a local checkpoint folder or an s3://bucket/prefix URI")
         return path
-    from infra_s3 import download_prefix  # noqa: PLC0415 - boto3 only when S3 is used
+    from model.s3 import download_prefix  # boto3 only when S3 is used
 
     return download_prefix(ref, cache)
 

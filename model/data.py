@@ -28,15 +28,22 @@ ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:
-    """LLaVA turns ({from, value}) -> chat-template messages; the image is a structured part."""
+    """LLaVA turns ({from, value}) -> chat-template messages; the image is a structured part, where it was.
+
+    ``"<image>\nQ"`` becomes ``[image, "Q"]`` and ``"Q\n<image>"`` becomes ``["Q\n", image]``: both
+    placements occur in LLaVA data, and the template renders the image part as ``<image>\n``.
+    """
     messages = []
     for turn in conversations:
-        text = turn["value"]
-        if IMAGE_TOKEN in text:
-            rest = text.replace(f"{IMAGE_TOKEN}\n", "", 1).replace(IMAGE_TOKEN, "", 1)
-            content = [{"type": "image"}, {"type": "text", "text": rest}]
+        before, found, after = turn["value"].partition(IMAGE_TOKEN)
+        if found:
+            content = [{"type": "text", "text": before}] if before else []
+            content.append({"type": "image"})
+            rest = after.removeprefix("\n")
+            if rest:
+                content.append({"type": "text", "text": rest})
         else:
-            content = [{"type": "text", "text": text}]
+            content = [{"type": "text", "text": before}]
         messages.append({"role": ROLES[turn["from"]], "content": content})
     return messages
 
@@ -98,12 +105,26 @@ def subsample(records: list[dict], fraction: float, seed: int) -> list[dict]:
 
 
 class ConversationDataset(Dataset):
-    """Tokenised up front (small data, and errors surface before training starts); images load lazily."""
+    """Tokenised up front (errors surface before training starts); images load lazily and stay cached.
 
-    def __init__(self, records: list[dict], image_root: Path, tokenizer: PreTrainedTokenizerBase, image_processor, image_tokens: int):
+    The cache keeps the first ``cache_images`` processed images in memory: the embedded world
+    fits whole, a real dataset streams its images from disk after that.
+    """
+
+    def __init__(
+        self,
+        records: list[dict],
+        image_root: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor,
+        image_tokens: int,
+        cache_images: int = 50_000,
+    ):
         self.records = records
         self.image_root = image_root
         self.image_processor = image_processor
+        self.cache: dict[str, torch.Tensor] = {}
+        self.cache_images = cache_images
         self.encoded = [encode_conversation(tokenizer, r["conversations"], image_tokens) for r in records]
 
     def __len__(self) -> int:
@@ -114,8 +135,14 @@ class ConversationDataset(Dataset):
         return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(index)}
 
     def pixels(self, index: int) -> torch.Tensor:
-        with Image.open(self.image_root / self.records[index]["image"]) as image:
-            return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        name = self.records[index]["image"]
+        if name in self.cache:
+            return self.cache[name]
+        with Image.open(self.image_root / name) as image:
+            pixels = self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        if len(self.cache) < self.cache_images:
+            self.cache[name] = pixels
+        return pixels
 
 
 class PreferenceDataset(ConversationDataset):
@@ -125,6 +152,8 @@ class PreferenceDataset(ConversationDataset):
         self.records = records
         self.image_root = image_root
         self.image_processor = image_processor
+        self.cache = {}
+        self.cache_images = 50_000
         self.encoded = []
         for r in records:
             prompt = r["conversations"]

@@ -58,3 +58,35 @@ class StagePaths:
 
     def student(self, name: str) -> Path:
         return self.models / f"student_{name}"
+
+
+def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, summary=None) -> int:
+    """The thin ``main()`` of every stage: parse ``--params``, validate, run ``work(params, paths)``.
+
+    Known failures (bad params, a failed job, a bad checkpoint) print one clear message and
+    exit 1; ``summary(metrics)`` returns the line printed on success.
+    """
+    import argparse
+    import sys
+
+    from model.builders import CheckpointError
+    from model.s3 import S3Error
+    from model.upcycle import UpcycleError
+    from tasks.params import ParamsError, load_params
+
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        metrics = work(params, StagePaths(params))
+    except (ParamsError, StageFailure, CheckpointError, UpcycleError, S3Error) as error:
+        print(f"{name} failed: {error}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        print(f"{name}: {summary(metrics)}")
+    return 0
+
+
+class StageFailure(RuntimeError):
+    """Base of every error a stage reports as a clean failure (message, exit 1), not a traceback."""

@@ -16,7 +16,6 @@ Run: ``python -m tasks.curate [--params params.yaml]``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -34,8 +33,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model import world as W
 from model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, save_tokenizer, train_tokenizer
-from tasks.common import StagePaths, write_json, write_jsonl
-from tasks.params import CurateParams, LlavaJsonSource, Params, ParamsError, PreferenceSource, load_params
+from tasks.common import StageFailure, StagePaths, run_stage, write_json, write_jsonl
+from tasks.params import CurateParams, LlavaJsonSource, Params, PreferenceSource
 
 REASONS = {
     "bad_encoding": "text is not valid UTF-8",
@@ -56,8 +55,8 @@ REASONS = {
 TRAIN_SPLITS = ("general", "multitask", "preference")
 
 
-class CurateError(RuntimeError):
-    pass
+class CurateError(StageFailure):
+    """The stage cannot curate what it was given; the message says what to fix."""
 
 
 @dataclass
@@ -554,20 +553,13 @@ def _sample_grid(paths: StagePaths) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.curate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        metrics = curate(params, StagePaths(params))
-    except (ParamsError, CurateError) as error:
-        print(f"curate failed: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"curate: in {metrics['in']} = kept {metrics['kept']} + duplicates {metrics['duplicates']}"
-        f" + rejected {metrics['rejected']} ({metrics['seconds']} s)"
+    return run_stage(
+        "curate",
+        curate,
+        __doc__,
+        argv,
+        lambda m: f"in {m['in']} = kept {m['kept']} + duplicates {m['duplicates']} + rejected {m['rejected']} ({m['seconds']} s)",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -266,6 +266,8 @@ class TrainingParams(Section):
     """Weight of each loss term; a zero weight skips the term's computation. Usually set by the recipe."""
     temperature: float = Field(1.0, gt=0.0)
     """Softmax temperature of the KL terms (the loss is scaled by T^2)."""
+    chunk_size: int = Field(1024, ge=1)
+    """Response rows projected onto the vocabulary at a time for CE and KL (bounds logit memory)."""
     steps: int = Field(200, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(32, ge=1)
@@ -294,6 +296,15 @@ class TrainingParams(Section):
     """How the DeepSpeed job starts: torchrun (faster start) or the deepspeed launcher (multi-node hostfiles)."""
 
 
+class VisionPretrainParams(Section):
+    steps: int = Field(300, ge=0)
+    """Steps of supervised per-cell pretraining of the embedded teacher's vision tower (0: start it from scratch)."""
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    """AdamW learning rate of the pretraining."""
+    batch_size: int = Field(64, ge=1)
+    """Images per pretraining step."""
+
+
 class TeacherParams(Section):
     source: str = "train"
     """`train` trains the embedded teacher on the world; otherwise a local folder or s3:// URI of a LLaVA-format HF checkpoint."""
@@ -301,8 +312,10 @@ class TeacherParams(Section):
     """Vision tower of the trained teacher (shared, frozen, with every student)."""
     text: TextParams = TextParams()
     """LLM of the trained teacher."""
+    vision_pretrain: VisionPretrainParams = VisionPretrainParams()
+    """Before LLaVA training, pretrain the vision tower to name each grid cell's object (as a real teacher starts from CLIP)."""
     train: TrainingParams = TrainingParams(
-        splits=["general", "multitask"], modules=["vision", "projector", "llm"], steps=600, lr=2e-3
+        splits=["general", "multitask"], modules=["vision", "projector", "llm"], steps=600, lr=1e-3
     )
     """How the embedded teacher trains (ce only, every module)."""
 
@@ -560,6 +573,13 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(
                 Problem("curate.image_tokens", f"must be (teacher.vision.image_size / patch_size)^2 = {(vision.image_size // vision.patch_size) ** 2}")
             )
+    if p.teacher.source == "train" and p.teacher.vision_pretrain.steps:
+        if not uses_world:
+            problems.append(Problem("teacher.vision_pretrain.steps", "pretraining needs the world's ground truth: add {kind: world} to curate.sources or set 0"))
+        elif vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:
+            problems.append(
+                Problem("teacher.vision.patch_size", f"vision pretraining needs image_size / patch_size to be a multiple of 3 (the world's grid), got {vision.image_size // vision.patch_size}")
+            )
     for prefix, text in (("teacher.text", p.teacher.text), ("align.student.text", p.align.student.text)):
         if text.hidden_size % text.heads:
             problems.append(Problem(f"{prefix}.heads", f"must divide {prefix}.hidden_size ({text.hidden_size})"))
@@ -604,6 +624,11 @@ def _cross_checks(p: Params) -> list[Problem]:
         moe_only = {"experts", "router", "shared_expert"} & set(stage.modules)
         if name in ("teacher.train", "align", "mimic_dense") and moe_only:
             problems.append(Problem(f"{name}.modules", f"{', '.join(sorted(moe_only))} exist only after upcycling"))
+    for term in ("ce", "kl_response", "kl_visual", "relation"):
+        if getattr(p.preference.loss, term):
+            problems.append(
+                Problem(f"preference.loss.{term}", "the preference stage trains on pairs with dpo (+ router_aux); use preference.dpo.sft_weight for an SFT term")
+            )
     if p.preference.splits != ["preference"]:
         problems.append(Problem("preference.splits", "the preference stage trains on [preference] only"))
     if not p.preference.loss.dpo:

@@ -1,0 +1,536 @@
+"""The training recipe every training stage runs, one process per DeepSpeed rank.
+
+A stage's ``main()`` writes a job spec (JSON) and launches this module with
+``torchrun`` or the ``deepspeed`` launcher (see :mod:`tasks.training`)::
+
+    torchrun --nproc_per_node 2 -m model.engine .cache/runs/mimic_dense/job.json
+
+The recipe reads top to bottom: ``__init__`` takes the scalars from the spec,
+``setup()`` builds everything in dependency order, ``train()`` is the loop,
+``save()`` writes the Hugging Face checkpoint. Stages differ only in data:
+which split, which modules train, which loss weights, and whether the batch
+holds preference pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.builders import load_llava, save_checkpoint
+from model.data import Collator, ConversationDataset, PreferenceDataset, subsample
+from model.losses import (
+    chunked_response_losses,
+    load_balancing_loss,
+    next_token_targets,
+    preference_loss,
+    relation_distillation,
+    sequence_logprobs,
+    visual_kl,
+)
+from model.upcycle import RouterLogits, parameter_counts, routers
+
+TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
+CHECKPOINTS_KEPT = 2
+
+
+# ---------------------------------------------------------------- which modules train
+
+
+def module_of(name: str, moe_layer: bool) -> set[str]:
+    """The params' module names a parameter belongs to (``llm`` covers everything of the language model)."""
+    found: set[str] = set()
+    if name.startswith("model.vision_tower."):
+        return {"vision"}
+    if name.startswith("model.multi_modal_projector."):
+        return {"projector"}
+    if name.startswith("lm_head."):
+        return {"llm", "lm_head"}
+    if not name.startswith("model.language_model."):
+        return found
+    found.add("llm")
+    if ".embed_tokens." in name:
+        found.add("embeddings")
+    elif ".self_attn." in name:
+        found.add("attention")
+    elif ".mlp.experts." in name:
+        found.add("experts")
+    elif ".mlp.gate.weight" in name and moe_layer:
+        found.add("router")
+    elif ".mlp.shared_expert" in name:
+        found.add("shared_expert")
+    elif ".mlp." in name:
+        found.add("mlp")  # a dense FFN: every layer before upcycling, the non-MoE layers after
+    elif "norm" in name:
+        found.add("norms")
+    return found
+
+
+def select_trainable(model: torch.nn.Module, modules: list[str]) -> dict[str, int]:
+    """Freeze everything, then unfreeze ``modules``; returns trainable / total counts per module.
+
+    Raises ValueError naming the modules that matched no parameter (``experts`` on a dense model).
+    """
+    model.requires_grad_(False)
+    moe_layers = {n.split(".mlp.")[0] for n, _ in model.named_parameters() if ".mlp.experts." in n}
+    matched: dict[str, int] = defaultdict(int)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners = module_of(name, name.split(".mlp.")[0] in moe_layers)
+        for module in set(modules) & owners:
+            param.requires_grad_(True)
+            matched[module] += param.numel()
+    missing = [m for m in modules if not matched.get(m)]
+    if missing:
+        raise ValueError(f"modules {missing} match no parameter of this model; nothing of them can train")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters()), **matched}
+
+
+# ---------------------------------------------------------------- the teacher behind one interface
+
+
+class LiveTeacher:
+    """The frozen teacher's outputs from a forward pass per batch.
+
+    The engine asks only for hidden states at chosen positions and the logits of those
+    rows, so a cached top-k teacher pass can later stand behind the same two methods.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model.model(input_ids=input_ids, pixel_values=pixel_values.to(dtype), attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden_rows)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, input_ids, pixel_values, attention_mask, labels) -> torch.Tensor:
+        return sequence_logprobs(self.logits(self.hidden(input_ids, pixel_values, attention_mask)), labels)
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@dataclass(frozen=True)
+class Weights:
+    ce: float = 0.0
+    kl_response: float = 0.0
+    kl_visual: float = 0.0
+    relation: float = 0.0
+    dpo: float = 0.0
+    router_aux: float = 0.0
+
+
+class Objective(torch.nn.Module):
+    """The student plus every loss term of a stage; DeepSpeed wraps this module.
+
+    ``forward(batch)`` returns the weighted total and each term. The teacher is kept out
+    of the module's parameters (DeepSpeed must neither partition nor optimise it).
+    """
+
+    def __init__(self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int):
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)
+        self.weights = weights
+        self.temperature = temperature
+        self.dpo = dpo or {}
+        self.chunk_size = chunk_size
+        self.image_token = student.config.image_token_index
+        self.top_k = getattr(student.config.text_config, "num_experts_per_tok", 0)
+
+    @property
+    def teacher(self) -> LiveTeacher | None:
+        return self._teacher[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "chosen_input_ids" in batch:
+            return self.preference_terms(batch)
+        return self.distillation_terms(batch)
+
+    def distillation_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = self.weights
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        pixels = batch["pixel_values"].to(self.student.dtype)
+        with RouterLogits(self.student) as routed:
+            hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
+        teacher_hidden = None
+        if any(getattr(w, term) for term in TEACHER_TERMS):
+            teacher_hidden = self.teacher.hidden(ids, batch["pixel_values"], mask)
+        terms: dict[str, torch.Tensor] = {}
+        if w.ce or w.kl_response:
+            response, targets = next_token_targets(labels)
+            r = chunked_response_losses(
+                hidden[response],
+                self.student.lm_head,
+                targets[response],
+                teacher_logits_of=self.teacher.logits if w.kl_response else None,
+                teacher_hidden=teacher_hidden[response] if w.kl_response else None,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+                ce=bool(w.ce),
+            )
+            if w.ce:
+                terms["ce"] = r.ce
+            if w.kl_response:
+                terms["kl_response"] = r.kl
+        if w.kl_visual or w.relation:
+            image = ids == self.image_token
+            per_sample = int(image[0].sum())
+            student_visual = self.student.lm_head(hidden[image]).view(ids.shape[0], per_sample, -1)
+            teacher_visual = self.teacher.logits(teacher_hidden[image]).view(ids.shape[0], per_sample, -1)
+            if w.kl_visual:
+                terms["kl_visual"] = visual_kl(student_visual, teacher_visual, self.temperature)
+            if w.relation:
+                terms["relation"] = relation_distillation(student_visual, teacher_visual)
+        if w.router_aux:
+            terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
+        return self._total(terms)
+
+    def preference_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = self.weights
+        ids, mask, labels = _stack_pairs(batch)
+        pixels = batch["pixel_values"].to(self.student.dtype).repeat(2, 1, 1, 1)
+        with RouterLogits(self.student) as routed:
+            hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
+        logps = sequence_logprobs(self.student.lm_head(hidden), labels)
+        pairs = ids.shape[0] // 2
+        policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
+        reference = batch["reference_logps"]  # [B, 2], computed once per pair at setup
+        out = preference_loss(
+            policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.dpo["beta"], self.dpo["loss_type"]
+        )
+        terms = {"dpo": out.losses.mean()}
+        if self.dpo.get("sft_weight"):
+            response, targets = next_token_targets(labels[:pairs])
+            r = chunked_response_losses(hidden[:pairs][response], self.student.lm_head, targets[response], chunk_size=self.chunk_size)
+            terms["sft"] = r.ce
+        if w.router_aux:
+            terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
+        result = self._total(terms, extra={"sft": self.dpo.get("sft_weight", 0.0)})
+        result.update(
+            reward_accuracy=(out.chosen_rewards > out.rejected_rewards).float().mean(),
+            reward_margin=(out.chosen_rewards - out.rejected_rewards).mean(),
+            policy_chosen_logps=policy_chosen.detach().mean(),
+            policy_rejected_logps=policy_rejected.detach().mean(),
+            reference_chosen_logps=reference[:, 0].mean(),
+            reference_rejected_logps=reference[:, 1].mean(),
+        )
+        return result
+
+    def _total(self, terms: dict[str, torch.Tensor], extra: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        weights = {**self.weights.__dict__, **(extra or {})}
+        total = sum(weights[name] * value for name, value in terms.items())
+        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+
+def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded to one width: ``[2B, T]`` each."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([pad(batch["chosen_input_ids"], 0), pad(batch["rejected_input_ids"], 0)])
+    mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
+    return ids, mask, labels
+
+
+# ---------------------------------------------------------------- data order
+
+
+def global_batch(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
+    """Record indices of optimizer step ``step``: epochs of seeded permutations, cut into batches.
+
+    A pure function of the step, so a resumed run sees exactly the batches an
+    uninterrupted one would have.
+    """
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, num_records)
+        order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = order[offset : offset + batch_size - len(out)]
+        out += take
+        position += len(take)
+    return out
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+class TrainingRecipe:
+    """One stage's training, as one DeepSpeed job."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        train = spec["train"]
+        self.stage = spec["stage"]
+        self.steps = train["steps"]
+        self.batch_size = train["batch_size"]
+        self.lr = train["lr"]
+        self.checkpoint_every = train["checkpoint_every"]
+        self.log_every = train["log_every"]
+        self.weights = Weights(**train["loss"])
+        self.run_dir = Path(spec["run_dir"])
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.seed = spec["seed"]
+
+    def setup(self) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # The process group first: every later step may talk to the other ranks.
+        deepspeed.init_distributed(dist_backend=None)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(self.seed)
+
+        # The student, with only the stage's modules trainable (the vision tower stays frozen).
+        student = load_llava(Path(self.spec["init"]), dtype=torch.float32)
+        self.counts = select_trainable(student, self.spec["train"]["modules"])
+        self.counts.update({f"{k}_parameters": v for k, v in parameter_counts(student).items()})
+        if self.weights.router_aux and not routers(student):
+            raise ValueError(f"{self.stage}.loss.router_aux > 0 but the student has no MoE layer; upcycle it first")
+
+        # The teacher, frozen, only if a term needs it; the DPO reference (teacher or the
+        # student's own starting point), frozen too.
+        teacher = None
+        if any(getattr(self.weights, t) for t in TEACHER_TERMS) or self.spec.get("reference") == "teacher":
+            teacher = self._frozen(self.spec["teacher"], student, dtype)
+        if self.spec.get("reference"):
+            reference = teacher if self.spec["reference"] == "teacher" else self._frozen(self.spec["init"], student, dtype)
+
+        # The data: this stage's splits, the same subsample on every rank.
+        self.dataset = self._dataset(student.config.image_seq_length)
+        if self.spec.get("reference"):
+            self.reference_logps = self._reference_logps(reference)
+            del reference  # its log-probs are all the stage needs from it
+
+        # DeepSpeed last: it takes the trainable parameters and the schedule.
+        objective = Objective(student, teacher, self.weights, self.spec["train"]["temperature"], self.spec.get("dpo"), self.spec["chunk_size"])
+        trainable = [p for p in objective.parameters() if p.requires_grad]
+        schedule = lr_lambda(self.spec["train"]["warmup_steps"], self.steps, self.spec["train"]["min_lr_ratio"])
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=objective,
+            model_parameters=trainable,
+            config=self.spec["deepspeed"],
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        )
+        self.micro = self.engine.train_micro_batch_size_per_gpu()
+        self.start_step = self._resume()
+
+    def _frozen(self, path: str, student, dtype: torch.dtype) -> LiveTeacher:
+        model = LiveTeacher(load_llava(Path(path), dtype=dtype).to(self.device))
+        teacher_vocab, student_vocab = model.model.config.text_config.vocab_size, student.config.text_config.vocab_size
+        if teacher_vocab != student_vocab:
+            raise ValueError(f"{path}: vocabulary of {teacher_vocab} tokens, the student has {student_vocab}; KL and DPO need one vocabulary")
+        return model
+
+    def _dataset(self, image_tokens: int):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        data = self.spec["data"]
+        records = []
+        for path in data["files"]:
+            with open(path, encoding="utf-8") as handle:
+                records += [json.loads(line) for line in handle if line.strip()]
+        records = subsample(records, data["fraction"], self.seed)
+        if not records:
+            raise ValueError(f"{self.stage}: no records in {data['files']} (fraction {data['fraction']})")
+        tokenizer = AutoTokenizer.from_pretrained(self.spec["init"])
+        image_processor = AutoProcessor.from_pretrained(self.spec["init"]).image_processor
+        self.collate = Collator(pad_id=tokenizer.pad_token_id)
+        kind = PreferenceDataset if data["preference"] else ConversationDataset
+        return kind(records, Path(data["image_root"]), tokenizer, image_processor, image_tokens)
+
+    @torch.no_grad()
+    def _reference_logps(self, reference: LiveTeacher) -> torch.Tensor:
+        """Summed response log-probs of every pair under the frozen reference, once per pair: ``[N, 2]``."""
+        out = torch.zeros(len(self.dataset), 2)
+        indices = list(range(len(self.dataset)))
+        for start in tqdm(range(0, len(indices), 32), desc=f"{self.stage}: reference log-probs", disable=self.rank != 0):
+            batch = self._to_device(self.collate([self.dataset[i] for i in indices[start : start + 32]]))
+            for column, side in enumerate(("chosen", "rejected")):
+                out[start : start + 32, column] = reference.sequence_logprobs(
+                    batch[f"{side}_input_ids"], batch["pixel_values"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"]
+                ).float().cpu()
+        return out
+
+    def _resume(self) -> int:
+        if not (self.checkpoints / "latest").exists():
+            return 0
+        _, client = self.engine.load_checkpoint(str(self.checkpoints))
+        step = int(client["step"])
+        if self.rank == 0:
+            print(f"{self.stage}: resumed from the checkpoint at step {step} of {self.steps}", flush=True)
+        return step
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self, step: int):
+        indices = global_batch(step, self.batch_size, len(self.dataset), self.seed)
+        per_rank = len(indices) // self.world
+        mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        for start in range(0, len(mine), self.micro):
+            chunk = mine[start : start + self.micro]
+            batch = self.collate([self.dataset[i] for i in chunk])
+            if hasattr(self, "reference_logps"):
+                batch["reference_logps"] = self.reference_logps[chunk]
+            yield self._to_device(batch)
+
+    def train(self) -> dict:
+        import deepspeed.comm as dist
+
+        history = self._history()
+        tracker = Tracker(self.spec.get("mlflow"), self.rank)
+        window: dict[str, list[float]] = defaultdict(list)
+        started = time.time()
+        tokens = 0
+        bar = tqdm(
+            total=self.steps, initial=self.start_step, desc=self.stage, unit="step", disable=self.rank != 0, mininterval=2, file=sys.stdout
+        )
+        for step in range(self.start_step, self.steps):
+            self.engine.train()
+            for batch in self._micro_batches(step):
+                terms = self.engine(batch)
+                self.engine.backward(terms["loss"])
+                self.engine.step()
+                tokens += int(batch.get("attention_mask", batch.get("chosen_attention_mask")).sum())
+                for name, value in terms.items():
+                    window[name].append(float(value.detach()))
+            done = step + 1
+            if done % self.log_every == 0 or done == self.steps:
+                metrics = {name: sum(v) / len(v) for name, v in window.items()}
+                metrics["lr"] = self.engine.get_lr()[0]
+                window.clear()
+                if self.rank == 0:
+                    history.write(json.dumps({"step": done, **metrics}) + "\n")
+                    history.flush()
+                    tracker.log(metrics, done)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if done % self.checkpoint_every == 0 or done == self.steps:
+                self._checkpoint(done)
+            bar.update(1)
+        bar.close()
+        seconds = time.time() - started
+        dist.barrier()
+        trained = self.steps - self.start_step
+        return {
+            "steps": self.steps,
+            "resumed_at": self.start_step,
+            "seconds": round(seconds, 2),
+            "samples_per_second": round(trained * self.batch_size / max(seconds, 1e-9), 2),
+            "tokens_per_second": round(tokens * self.world / max(seconds, 1e-9), 1),
+            **self.counts,
+        }
+
+    def _history(self):
+        """The per-step log, cut back to the resumed step so a resumed run leaves no duplicate rows."""
+        path = self.run_dir / "history.jsonl"
+        kept = []
+        if path.exists() and self.start_step:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.start_step]
+        if self.rank == 0:
+            path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a") if self.rank == 0 else open(os.devnull, "w")
+
+    def _checkpoint(self, step: int) -> None:
+        import deepspeed.comm as dist
+
+        self.engine.save_checkpoint(str(self.checkpoints), tag=f"step{step:07d}", client_state={"step": step})
+        dist.barrier()
+        if self.rank == 0:
+            tags = sorted(p for p in self.checkpoints.glob("step*") if p.is_dir())
+            for old in tags[:-CHECKPOINTS_KEPT]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save(self, result: dict) -> None:
+        """The student as a Hugging Face safetensors checkpoint (never DeepSpeed shards), from rank 0."""
+        import deepspeed
+        import deepspeed.comm as dist
+        from transformers import AutoProcessor
+
+        student = self.engine.module.student
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in student.state_dict().items()}
+        if self.rank == 0:
+            model = load_llava(Path(self.spec["init"]), dtype=torch.float32)
+            model.load_state_dict(state)
+            save_checkpoint(model, AutoProcessor.from_pretrained(self.spec["init"]), Path(self.spec["out"]))
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        dist.barrier()
+
+
+class Tracker:
+    """Rank 0's MLflow logging into the run the stage opened (no-op elsewhere)."""
+
+    def __init__(self, config: dict | None, rank: int):
+        self.client = None
+        if config and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=config["uri"])
+            self.run_id = config["run_id"]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun [...] -m model.engine JOB.json  (written by a stage's main; see tasks/training.py)", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    recipe = TrainingRecipe(spec)
+    recipe.setup()
+    result = recipe.train()
+    recipe.save(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Checkpoints on S3, through boto3.
+
+Credentials and the endpoint come from the environment or an AWS profile, as
+boto3 reads them (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3``
+for an S3-compatible server); nothing here logs or stores them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class S3Error(RuntimeError):
+    """An S3 location tinymod cannot read, with what to check."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise S3Error(f"{uri!r} is not an s3://bucket/prefix URI")
+    bucket, _, prefix = uri[5:].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def download_prefix(uri: str, cache: Path) -> Path:
+    """Every object under ``uri`` into ``cache/<bucket>/<prefix>/``; files already there with the same size are kept."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_uri(uri)
+    target = cache / bucket / prefix
+    s3 = boto3.client("s3")
+    try:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        objects = [obj for page in pages for obj in page.get("Contents", [])]
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise S3Error(f"{uri}: bucket {bucket!r} does not exist at {s3.meta.endpoint_url}") from None
+        raise S3Error(f"{uri}: {code or error}; check the credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID) and the endpoint") from None
+    except BotoCoreError as error:
+        raise S3Error(f"{uri}: cannot reach {s3.meta.endpoint_url}: {error}") from None
+    if not objects:
+        raise S3Error(f"{uri}: no objects under this prefix")
+    for obj in objects:
+        relative = obj["Key"][len(prefix) :].lstrip("/")
+        local = target / relative
+        if not local.resolve().is_relative_to(target.resolve()):
+            raise S3Error(f"{uri}: key {obj['Key']!r} would be written outside {target}")
+        if local.exists() and local.stat().st_size == obj["Size"]:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, obj["Key"], str(local))
+    return target

@@ -1,0 +1,126 @@
+"""MLflow for every stage: one experiment, one run per stage execution, tagged for lineage.
+
+The default store is a local SQLite file under the repo (``.mlflow/``, git-ignored)
+with local artifacts; ``tracking.uri`` may name a server and
+``tracking.artifact_location`` an ``s3://`` prefix instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+from tasks.params import Params, Tracking
+
+
+def tracking_uri(tracking: Tracking, root: Path) -> str:
+    """``tracking.uri`` with a relative SQLite path made absolute against the repo root."""
+    uri = tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        db = (root / uri[len(prefix) :]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(db)
+    return uri
+
+
+def artifact_location(tracking: Tracking, root: Path) -> str:
+    location = tracking.artifact_location
+    if "://" in location:
+        return location
+    path = (root / location).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def client(params: Params, root: Path = Path(".")):
+    """An ``MlflowClient`` on the configured store, and the experiment id (created on first use)."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = params.tracking
+    mlflow_client = MlflowClient(tracking_uri=tracking_uri(tracking, root), registry_uri=tracking_uri(tracking, root))
+    experiment = mlflow_client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        experiment_id = mlflow_client.create_experiment(tracking.experiment, artifact_location=artifact_location(tracking, root))
+    else:
+        experiment_id = experiment.experiment_id
+    return mlflow_client, experiment_id
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` for MLflow params (values cut to MLflow's 6000 chars)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000]
+    return out
+
+
+def start_stage_run(params: Params, stage: str, section: dict, root: Path = Path("."), run_id: str | None = None) -> str:
+    """Open (or reopen, after a crash) the MLflow run of one stage; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    mlflow_client, experiment_id = client(params, root)
+    if run_id is not None:
+        run = mlflow_client.get_run(run_id)
+        if run.info.lifecycle_stage == "active":
+            mlflow_client.update_run(run_id, status="RUNNING")
+            return run_id
+    tags = {
+        "tinymod.stage": stage,
+        "tinymod.recipe": params.recipe,
+        "tinymod.preset": params.preset,
+        "tinymod.params_hash": params_hash(section),
+        "mlflow.source.git.commit": git_commit(root),
+        "mlflow.runName": f"{stage}",
+    }
+    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=stage)
+    flat = flatten(section)
+    items = [Param(k, v) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run.info.run_id, params=items[start : start + 100], tags=[RunTag("tinymod.seed", str(params.seed))])
+    return run.info.run_id
+
+
+def finish_run(params: Params, run_id: str, metrics: dict, artifacts: list[Path], root: Path = Path("."), failed: bool = False) -> None:
+    """Log the stage's final metrics (numbers only, flattened) and artifacts, then close the run."""
+    from mlflow.entities import Metric
+
+    mlflow_client, _ = client(params, root)
+    numbers = {k: float(v) for k, v in flatten_numbers(metrics).items()}
+    batch = [Metric(k, v, 0, 0) for k, v in numbers.items()]
+    for start in range(0, len(batch), 500):
+        mlflow_client.log_batch(run_id, metrics=batch[start : start + 500])
+    for path in artifacts:
+        if path.exists():
+            mlflow_client.log_artifact(run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
+    mlflow_client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def flatten_numbers(data: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_numbers(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+

@@ -1,0 +1,93 @@
+"""The training recipe's parts: data order, schedule, which modules train, and every loss term wired."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.builders import build_llava
+from model.engine import LiveTeacher, Objective, Weights, global_batch, lr_lambda, select_trainable
+from model.upcycle import upcycle
+from tasks.params import TextParams, UpcycleParams, VisionParams
+
+from .conftest import TINY_TEXT, TINY_VISION
+from .test_upcycle import inputs
+
+
+def test_global_batch_is_a_pure_function_of_the_step_and_covers_each_epoch():
+    n, batch = 10, 4
+    steps = [global_batch(s, batch, n, seed=3) for s in range(5)]
+    assert steps == [global_batch(s, batch, n, seed=3) for s in range(5)]
+    assert steps != [global_batch(s, batch, n, seed=4) for s in range(5)]
+    flat = [i for s in steps for i in s]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(warmup=4, total=20, min_ratio=0.1)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+
+
+def test_select_trainable_freezes_the_rest_and_refuses_what_is_not_there(tiny_llava):
+    counts = select_trainable(tiny_llava, ["projector"])
+    trainable = {n for n, p in tiny_llava.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.multi_modal_projector.") for n in trainable)
+    assert counts["trainable"] == counts["projector"] < counts["total"]
+    with pytest.raises(ValueError, match="experts"):
+        select_trainable(tiny_llava, ["projector", "experts"])
+
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2, layers="every_other"))
+    select_trainable(moe, ["experts", "router", "mlp"])
+    names = {n for n, p in moe.named_parameters() if p.requires_grad}
+    assert any(".mlp.experts." in n for n in names) and any(n.endswith(".mlp.gate.weight") for n in names)
+    # `mlp` is the dense FFN of the layers that stayed dense (0 and 2), nothing else.
+    assert {n.split(".mlp.")[0].rsplit(".", 1)[-1] for n in names if ".mlp.gate_proj" in n} == {"0", "2"}
+    assert not any("self_attn" in n or "vision_tower" in n for n in names)
+
+
+def batch_with_labels(model, tokenizer) -> dict:
+    batch = inputs(model, tokenizer, batch=2)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -5:-1] = batch["input_ids"][:, -5:-1]
+    labels[batch["attention_mask"] == 0] = -100
+    return {**batch, "labels": labels}
+
+
+def test_every_distillation_term_is_computed_and_weighted(tiny_llava, tiny_tokenizer):
+    teacher = LiveTeacher(build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=5))
+    student = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2))
+    weights = Weights(ce=1.0, kl_response=0.5, kl_visual=0.25, relation=2.0, router_aux=0.1)
+    objective = Objective(student, teacher, weights, temperature=2.0, dpo=None, chunk_size=3)
+    terms = objective(batch_with_labels(student, tiny_tokenizer))
+    assert set(terms) == {"loss", "ce", "kl_response", "kl_visual", "relation", "router_aux"}
+    expected = sum(getattr(weights, k) * terms[k] for k in ("ce", "kl_response", "kl_visual", "relation", "router_aux"))
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(terms[k].item() > 0 for k in ("ce", "kl_response", "kl_visual", "relation"))
+    terms["loss"].backward()
+    assert not any(p.grad is not None for p in teacher.model.parameters()), "the teacher must stay frozen"
+    assert list(objective.parameters()) == list(student.parameters()), "the teacher is not part of the trained module"
+
+
+def test_a_zero_weight_skips_the_term_and_the_teacher(tiny_llava, tiny_tokenizer):
+    class NoTeacher:
+        def __getattr__(self, name):
+            raise AssertionError("the teacher was used although every teacher term is zero")
+
+    objective = Objective(tiny_llava, NoTeacher(), Weights(ce=1.0), temperature=1.0, dpo=None, chunk_size=1024)
+    terms = objective(batch_with_labels(tiny_llava, tiny_tokenizer))
+    assert set(terms) == {"loss", "ce"}
+
+
+def test_preference_terms(tiny_llava, tiny_tokenizer):
+    objective = Objective(tiny_llava, None, Weights(dpo=1.0), 1.0, {"beta": 0.1, "loss_type": "sigmoid", "sft_weight": 0.5}, 1024)
+    one = batch_with_labels(tiny_llava, tiny_tokenizer)
+    batch = {f"{side}_{k}": one[k] for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")}
+    batch["rejected_input_ids"] = batch["rejected_input_ids"].flip(0)
+    batch.update(pixel_values=one["pixel_values"], reference_logps=torch.tensor([[-5.0, -5.0], [-6.0, -4.0]]))
+    terms = objective(batch)
+    assert {"dpo", "sft", "reward_accuracy", "reward_margin", "policy_chosen_logps", "reference_rejected_logps"} <= set(terms)
+    assert terms["loss"].item() == pytest.approx(terms["dpo"].item() + 0.5 * terms["sft"].item(), rel=1e-6)
+    assert terms["reference_rejected_logps"].item() == pytest.approx(-4.5)
