@@ -16,6 +16,8 @@ links_args=()
 for folder in $links; do links_args+=(--find-links "$folder"); done
 
 "${UV[@]}" venv --quiet --allow-existing --python 3.11 .venv
-"${UV[@]}" pip sync --quiet --python .venv/bin/python "${links_args[@]}" requirements.lock
+# Bytecode compiled at install: environments that set PYTHONDONTWRITEBYTECODE would otherwise
+# recompile torch and transformers in every process (a DeepSpeed job starts several).
+"${UV[@]}" pip sync --quiet --compile-bytecode --python .venv/bin/python "${links_args[@]}" requirements.lock
 "${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
 touch .venv/.installed

@@ -346,10 +346,13 @@ class TrainingRecipe:
         objective = Objective(student, teacher, self.weights, self.spec["train"]["temperature"], self.spec.get("dpo"), self.spec["chunk_size"])
         trainable = [p for p in objective.parameters() if p.requires_grad]
         schedule = lr_lambda(self.spec["train"]["warmup_steps"], self.steps, self.spec["train"]["min_lr_ratio"])
+        config = dict(self.spec["deepspeed"])
+        if self.device.type == "cuda":
+            config["bf16"] = {"enabled": True}  # fp32 on CPU: DeepSpeed's CPU path has no fp16
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective,
             model_parameters=trainable,
-            config=self.spec["deepspeed"],
+            config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         )
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -419,7 +422,6 @@ class TrainingRecipe:
         import deepspeed.comm as dist
 
         history = self._history()
-        tracker = Tracker(self.spec.get("mlflow"), self.rank)
         window: dict[str, list[float]] = defaultdict(list)
         started = time.time()
         tokens = 0
@@ -441,9 +443,9 @@ class TrainingRecipe:
                 metrics["lr"] = self.engine.get_lr()[0]
                 window.clear()
                 if self.rank == 0:
+                    # The stage's process forwards these rows to MLflow as they land.
                     history.write(json.dumps({"step": done, **metrics}) + "\n")
                     history.flush()
-                    tracker.log(metrics, done)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if done % self.checkpoint_every == 0 or done == self.steps:
                 self._checkpoint(done)
@@ -497,26 +499,6 @@ class TrainingRecipe:
             save_checkpoint(model, AutoProcessor.from_pretrained(self.spec["init"]), Path(self.spec["out"]))
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         dist.barrier()
-
-
-class Tracker:
-    """Rank 0's MLflow logging into the run the stage opened (no-op elsewhere)."""
-
-    def __init__(self, config: dict | None, rank: int):
-        self.client = None
-        if config and rank == 0:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=config["uri"])
-            self.run_id = config["run_id"]
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()])
 
 
 def main(argv: list[str] | None = None) -> int:

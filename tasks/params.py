@@ -298,7 +298,8 @@ class TrainingParams(Section):
 
 class VisionPretrainParams(Section):
     steps: int = Field(300, ge=0)
-    """Steps of supervised per-cell pretraining of the embedded teacher's vision tower (0: start it from scratch)."""
+    """Steps of supervised per-cell pretraining of the embedded teacher's vision tower on the world's ground truth
+    (0, or no world among curate.sources: the tower starts from scratch)."""
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     """AdamW learning rate of the pretraining."""
     batch_size: int = Field(64, ge=1)
@@ -573,10 +574,8 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(
                 Problem("curate.image_tokens", f"must be (teacher.vision.image_size / patch_size)^2 = {(vision.image_size // vision.patch_size) ** 2}")
             )
-    if p.teacher.source == "train" and p.teacher.vision_pretrain.steps:
-        if not uses_world:
-            problems.append(Problem("teacher.vision_pretrain.steps", "pretraining needs the world's ground truth: add {kind: world} to curate.sources or set 0"))
-        elif vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:
+    if p.teacher.source == "train" and p.teacher.vision_pretrain.steps and uses_world:
+        if vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:
             problems.append(
                 Problem("teacher.vision.patch_size", f"vision pretraining needs image_size / patch_size to be a multiple of 3 (the world's grid), got {vision.image_size // vision.patch_size}")
             )

@@ -41,7 +41,7 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
     def build(out: Path) -> None:
         model = build_llava(t.vision, t.text, tokenizer, params.seed)
         processor = build_processor(tokenizer, model.config.vision_config)
-        if t.vision_pretrain.steps:
+        if t.vision_pretrain.steps and any(source.kind == "world" for source in params.curate.sources):
             w = params.curate.world
             pretrained.update(
                 pretrain_vision(

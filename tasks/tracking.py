@@ -7,6 +7,7 @@ with local artifacts; ``tracking.uri`` may name a server and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -37,13 +38,19 @@ def artifact_location(tracking: Tracking, root: Path) -> str:
 
 def client(params: Params, root: Path = Path(".")):
     """An ``MlflowClient`` on the configured store, and the experiment id (created on first use)."""
+    tracking = params.tracking
+    return _client(tracking_uri(tracking, root), tracking.experiment, artifact_location(tracking, root))
+
+
+@functools.cache
+def _client(uri: str, experiment_name: str, artifacts: str):
+    # Opening a store costs seconds (imports, schema check): once per process and store.
     from mlflow.tracking import MlflowClient
 
-    tracking = params.tracking
-    mlflow_client = MlflowClient(tracking_uri=tracking_uri(tracking, root), registry_uri=tracking_uri(tracking, root))
-    experiment = mlflow_client.get_experiment_by_name(tracking.experiment)
+    mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        experiment_id = mlflow_client.create_experiment(tracking.experiment, artifact_location=artifact_location(tracking, root))
+        experiment_id = mlflow_client.create_experiment(experiment_name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
     return mlflow_client, experiment_id
@@ -124,3 +131,16 @@ def flatten_numbers(data: dict, prefix: str = "") -> dict[str, float]:
             out[name] = value
     return out
 
+
+
+def log_steps(params: Params, run_id: str, rows: list[dict], root: Path = Path(".")) -> None:
+    """Per-step training rows (``{"step": n, "loss": ..., ...}``) as ``train/<name>`` metrics."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mlflow_client, _ = client(params, root)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train/{k}", float(v), now, row["step"]) for row in rows for k, v in row.items() if k != "step"]
+    for start in range(0, len(metrics), 500):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 500])

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class Job:
         return self.reference is not None
 
 
-def deepspeed_config(section: TrainingParams, cuda: bool) -> dict:
-    """``infra/deepspeed/zero<N>.json`` with the batch geometry, optimizer and precision of ``section``."""
+def deepspeed_config(section: TrainingParams) -> dict:
+    """``infra/deepspeed/zero<N>.json`` with the batch geometry and optimizer of ``section``.
+
+    Precision is the job's choice (bf16 where it finds a GPU, fp32 on CPU).
+    """
     template = REPO / "infra" / "deepspeed" / f"zero{section.zero_stage}.json"
     config = json.loads(template.read_text())
     per_rank = section.batch_size // section.world_size
@@ -69,14 +73,12 @@ def deepspeed_config(section: TrainingParams, cuda: bool) -> dict:
             "params": {"lr": section.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": section.weight_decay, "torch_adam": True},
         },
     )
-    if cuda:
-        config["bf16"] = {"enabled": True}  # fp32 on CPU: DeepSpeed's CPU path has no fp16
     return config
 
 
 def _fingerprint(spec: dict, inputs: list[Path]) -> str:
     """Spec plus the size and mtime of every input file: a changed input or param starts the stage over."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k != "mlflow"}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for path in inputs:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
@@ -98,8 +100,6 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
     (the teacher from scratch, the student from the teacher); it runs only when that folder is absent,
     so a resumed run starts from the very same weights.
     """
-    import torch
-
     section = job.section
     run_dir = prepare_run(paths, job.stage)
     spec = {
@@ -119,7 +119,7 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
             "fraction": section.fraction,
             "preference": job.preference,
         },
-        "deepspeed": deepspeed_config(section, torch.cuda.is_available()),
+        "deepspeed": deepspeed_config(section),
     }
     external = [p for p in [job.teacher, *job.data_files] if p is not None]
     if not job.init.is_relative_to(run_dir):
@@ -141,19 +141,27 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
         if not path.exists():
             raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
 
-    section_dict = {**spec["train"], "dpo": job.dpo} if job.dpo else spec["train"]
-    run_id = tracking.start_stage_run(params, job.stage, section_dict, run_id=state.get("mlflow_run_id"))
-    state["mlflow_run_id"] = run_id
-    state_file.write_text(json.dumps(state))
-    spec["mlflow"] = {"uri": tracking.tracking_uri(params.tracking, Path(".")), "run_id": run_id}
     spec_path = run_dir / "job.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-
+    # The job boots (imports, process group) while this process opens the MLflow run.
+    running = RunningJob(spec_path, section, run_dir / "job.log")
+    section_dict = {**spec["train"], "dpo": job.dpo} if job.dpo else spec["train"]
     try:
-        launch(spec_path, section, run_dir / "job.log")
+        run_id = tracking.start_stage_run(params, job.stage, section_dict, run_id=state.get("mlflow_run_id"))
+    except BaseException:
+        running.stop()
+        raise
+    state["mlflow_run_id"] = run_id
+    state_file.write_text(json.dumps(state))
+    forwarder = HistoryForwarder(params, run_id, run_dir / "history.jsonl")
+    try:
+        running.wait()
     except StageError:
+        forwarder.stop()
         tracking.finish_run(params, run_id, {}, [run_dir / "job.log"], failed=True)
         raise
+    finally:
+        forwarder.stop()
     result = json.loads((run_dir / "result.json").read_text())
     history = list(read_jsonl(run_dir / "history.jsonl"))
     metrics = {**result, "final": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}
@@ -181,35 +189,80 @@ def launch_command(spec_path: Path, section: TrainingParams) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(spec_path: Path, section: TrainingParams, log_path: Path) -> None:
-    """Run the job, streaming its output to the console and ``log_path``; StageError with the log's tail on failure."""
-    env = dict(os.environ)
-    # Each rank gets its share of the cores (the deepspeed launcher leaves this unset).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // section.world_size)))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str((REPO / ".cache" / "torch_extensions").resolve()))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    command = launch_command(spec_path, section)
-    tail: deque[bytes] = deque()
-    size = 0
-    with log_path.open("ab") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
-        assert process.stdout is not None
-        while chunk := os.read(process.stdout.fileno(), 4096):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
-            tail.append(chunk)
-            size += len(chunk)
-            while size - len(tail[0]) > LOG_TAIL_BYTES:
-                size -= len(tail.popleft())
-        code = process.wait()
-    if code != 0:
-        text = b"".join(tail).decode("utf-8", errors="replace")[-LOG_TAIL_BYTES:]
-        raise StageError(
-            f"the DeepSpeed job exited with code {code}: {' '.join(command)}\n"
-            f"--- last lines of {log_path} ---\n{text}\n--- end ---\n"
-            "Fix the cause and re-run the stage: it resumes from its last checkpoint."
-        )
+class RunningJob:
+    """The DeepSpeed job as a child process whose output streams to the console and ``log_path``."""
+
+    def __init__(self, spec_path: Path, section: TrainingParams, log_path: Path):
+        env = dict(os.environ)
+        # Each rank gets its share of the cores (the deepspeed launcher leaves this unset).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // section.world_size)))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str((REPO / ".cache" / "torch_extensions").resolve()))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.command = launch_command(spec_path, section)
+        self.log_path = log_path
+        self.tail: deque[bytes] = deque()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.reader = threading.Thread(target=self._stream, daemon=True)
+        self.reader.start()
+
+    def _stream(self) -> None:
+        size = 0
+        assert self.process.stdout is not None
+        with self.log_path.open("ab") as log:
+            while chunk := os.read(self.process.stdout.fileno(), 4096):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+                self.tail.append(chunk)
+                size += len(chunk)
+                while size - len(self.tail[0]) > LOG_TAIL_BYTES:
+                    size -= len(self.tail.popleft())
+
+    def wait(self) -> None:
+        """Block until the job ends; StageError with the tail of its log on a non-zero exit."""
+        code = self.process.wait()
+        self.reader.join()
+        if code != 0:
+            text = b"".join(self.tail).decode("utf-8", errors="replace")[-LOG_TAIL_BYTES:]
+            raise StageError(
+                f"the DeepSpeed job exited with code {code}: {' '.join(self.command)}\n"
+                f"--- last lines of {self.log_path} ---\n{text}\n--- end ---\n"
+                "Fix the cause and re-run the stage: it resumes from its last checkpoint."
+            )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+class HistoryForwarder:
+    """Logs the job's per-step rows (``history.jsonl``) to the stage's MLflow run as they land."""
+
+    def __init__(self, params: Params, run_id: str, path: Path, every: float = 3.0):
+        self.params, self.run_id, self.path, self.every = params, run_id, path, every
+        self.sent = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.every):
+            self._send()
+
+    def _send(self) -> None:
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        fresh = [row for row in rows if row["step"] > self.sent]
+        if fresh:
+            tracking.log_steps(self.params, self.run_id, fresh)
+            self.sent = fresh[-1]["step"]
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self._send()
 
 
 def _free_port() -> int:

@@ -53,3 +53,31 @@ def tiny_llava(tiny_tokenizer):
     from tasks.params import TextParams, VisionParams
 
     return build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=0).eval()
+
+
+# A whole pipeline small enough for CI: a 24-px world (3x3 patches of 8 px), 1-layer vision tower,
+# 2-layer LLMs, a few steps per stage. Stages run for real (DeepSpeed jobs, MLflow, checkpoints).
+TINY_PIPELINE = {
+    "tracking": {"system_metrics": False},
+    "curate": {
+        "world": {"image_size": 24, "images": {"general": 60, "multitask": 60, "preference": 24, "probes": 8}},
+        "image_tokens": 9,
+        "max_tokens": 256,
+    },
+    "teacher": {
+        "vision": {"image_size": 24, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2},
+        "text": {"hidden_size": 48, "intermediate_size": 96, "layers": 2, "heads": 4, "kv_heads": 2},
+        "vision_pretrain": {"steps": 5, "batch_size": 16},
+        "train": {"steps": 4, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 2, "warmup_steps": 1},
+    },
+    "align": {
+        "student": {"text": {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "kv_heads": 2}},
+        "steps": 2, "batch_size": 8, "micro_batch_size": 2, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1,
+        "fraction": 0.5, "world_size": 2,
+    },
+    "mimic_dense": {"steps": 3, "batch_size": 8, "micro_batch_size": 4, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1, "fraction": 0.5},
+    "upcycle": {"num_experts": 4, "top_k": 2, "layers": "every_other"},
+    "mimic_sparse": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1, "zero_stage": 3},
+    "preference": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
+    "evaluate": {"limit": 8},
+}  # fmt: skip
