@@ -52,3 +52,37 @@ def download_prefix(uri: str, cache: Path) -> Path:
         local.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, obj["Key"], str(local))
     return target
+
+
+def check_bucket(uri: str, attempts: int = 4, backoff_s: float = 1.0) -> None:
+    """Fail early and clearly when ``uri``'s bucket is missing or its endpoint unreachable.
+
+    An unreachable endpoint is retried ``attempts`` times with exponential backoff
+    (``backoff_s``, doubled each time) before giving up; a missing bucket fails at once.
+    """
+    import time
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    bucket, _ = split_uri(uri)
+    s3 = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10))
+    for attempt in range(1, attempts + 1):
+        try:
+            s3.head_bucket(Bucket=bucket)
+            return
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise S3Error(f"{uri}: bucket {bucket!r} does not exist at {s3.meta.endpoint_url}; create it or fix the URI") from None
+            if code in ("403", "AccessDenied"):
+                raise S3Error(f"{uri}: access to bucket {bucket!r} denied; check AWS_PROFILE / AWS_ACCESS_KEY_ID") from None
+            raise S3Error(f"{uri}: {code or error}") from None
+        except (EndpointConnectionError, BotoCoreError) as error:
+            if attempt == attempts:
+                raise S3Error(
+                    f"{uri}: endpoint {s3.meta.endpoint_url} unreachable after {attempts} attempts ({error}); "
+                    "check AWS_ENDPOINT_URL_S3 / MLFLOW_S3_ENDPOINT_URL and that the server is up"
+                ) from None
+            time.sleep(backoff_s * 2 ** (attempt - 1))

@@ -284,7 +284,11 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
             if candidates[qtype] and len(out) < n:
                 question, answer = candidates[qtype].pop(rng.randrange(len(candidates[qtype])))
                 out.append((qtype, question, answer))
-    return out
+    # Existence, then count, before any question that names a present shape: "What colour is the
+    # star?" earlier in a conversation would give away "Is there a star?" from the text alone,
+    # and a model trained on that learns to answer "no" to any shape not yet mentioned.
+    first = {"existence": 0, "count": 1}
+    return sorted(out, key=lambda item: first.get(item[0], 2))
 
 
 # ---------------------------------------------------------------- objects in free text (CHAIR)
@@ -384,7 +388,9 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
         rejected, kind = caption(wrong), "caption"
     else:
         absent = absent_partners or [s for s in spec.shapes if s not in present]
-        if absent and rng.random() < 0.7:
+        # Half the pairs prefer "no" (about the absent partner a prior would pull in), half "yes":
+        # a skew either way would teach a yes/no bias instead of looking.
+        if absent and rng.random() < 0.5:
             shape, chosen, rejected = rng.choice(absent), "no", "yes"
         else:
             shape, chosen, rejected = rng.choice(sorted(present)), "yes", "no"
@@ -464,6 +470,7 @@ def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_im
                 "image": name,
                 "conversations": [_human(CAPTION_PROMPT_FOR_EVAL, True), _gpt(caption(scene.objects))],
                 "objects": present,
+                "vocabulary": list(spec.shapes),  # CHAIR counts mentions of these words
             }
         )
     return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)

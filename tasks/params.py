@@ -294,6 +294,8 @@ class TrainingParams(Section):
     """DeepSpeed ZeRO stage; the config is infra/deepspeed/zero<N>.json."""
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     """How the DeepSpeed job starts: torchrun (faster start) or the deepspeed launcher (multi-node hostfiles)."""
+    hostfile: str | None = None
+    """A DeepSpeed hostfile (see infra/deepspeed/hostfile.example) to spread the job over several nodes; needs launcher: deepspeed."""
 
 
 class VisionPretrainParams(Section):
@@ -403,8 +405,12 @@ class RegisterParams(Section):
     """Which student becomes the new version."""
     gate: GateParams = GateParams()
     """Checks that move the `champion` alias to the new version."""
+    promote: bool = True
+    """Move `champion` to a version that passes the gate; false records the verdict only."""
     require_approval: bool = False
-    """In the Prefect flow, pause for a reviewer before moving `champion`."""
+    """In the Prefect flow, pause for a reviewer before moving `champion` (outside the flow: `python -m tasks.register promote`)."""
+    approval_timeout_s: int = Field(86400, ge=60)
+    """How long the paused flow waits for the reviewer before the run fails (the version stays candidate)."""
 
 
 # `register` is also ABCMeta.register on the class; the field still wins on instances.
@@ -476,7 +482,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path) -> dict:
+def read_params_file(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -530,15 +536,15 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 def _problem_from_error(error: dict, layers: list[tuple[str, dict]]) -> Problem:
     loc = tuple(error["loc"])
-    origin = _origin(_dotted(loc), layers, exact=error["type"] != "missing")
+    where = origin(_dotted(loc), layers, exact=error["type"] != "missing")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
         hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-        return Problem(_dotted(loc), f"unknown key{hint}", origin)
+        return Problem(_dotted(loc), f"unknown key{hint}", where)
     message = error["msg"]
     if "input" in error and error["type"] != "missing" and not isinstance(error["input"], (dict, list)):
         message += f" (got {error['input']!r})"
-    return Problem(_dotted(loc), message, origin)
+    return Problem(_dotted(loc), message, where)
 
 
 def _cross_checks(p: Params) -> list[Problem]:
@@ -612,6 +618,8 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(
                 Problem(f"{name}.micro_batch_size", f"must divide the per-rank batch (batch_size / world_size = {per_rank})")
             )
+        if stage.hostfile and stage.launcher != "deepspeed":
+            problems.append(Problem(f"{name}.hostfile", "a hostfile needs the deepspeed launcher: set launcher: deepspeed"))
         if name != "preference" and "preference" in stage.splits:
             problems.append(Problem(f"{name}.splits", "the preference split only feeds the preference stage"))
         if name != "preference" and weights["dpo"]:
@@ -655,7 +663,7 @@ def _read_layer(path: Path, key: str, name: str) -> dict:
         folders = {path.parent, REPO / path.parent.name}
         available = sorted({q.stem for folder in folders for q in folder.glob("*.yaml")})
         raise ParamsError([Problem(key, f"{name!r} has no file {path}; available: {', '.join(available) or 'none'}")])
-    return _read_yaml(path)
+    return read_params_file(path)
 
 
 def resolve(layers: list[tuple[str, dict]]) -> Params:
@@ -686,7 +694,7 @@ def resolve(layers: list[tuple[str, dict]]) -> Params:
 def _checked(params: Params, layers: list[tuple[str, dict]]) -> Params:
     problems = _cross_checks(params)
     if problems:
-        raise ParamsError([Problem(pr.key, pr.message, _origin(pr.key, layers)) for pr in problems])
+        raise ParamsError([Problem(pr.key, pr.message, origin(pr.key, layers)) for pr in problems])
     return params
 
 
@@ -713,7 +721,7 @@ def _without_errors(merged: dict, error: ValidationError) -> dict:
     return cleaned
 
 
-def _origin(dotted: str, layers: list[tuple[str, dict]], exact: bool = True) -> str:
+def origin(dotted: str, layers: list[tuple[str, dict]], exact: bool = True) -> str:
     """The last file that sets ``dotted`` (or, for a missing key, its parent); '' for a default."""
     parts: list[Any] = []
     for piece in dotted.replace("]", "").replace("[", ".").split("."):
@@ -728,7 +736,7 @@ def _origin(dotted: str, layers: list[tuple[str, dict]], exact: bool = True) -> 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Resolve and validate ``path``; raises :class:`ParamsError` listing every problem."""
     path = Path(path)
-    return resolve(load_layers(_read_yaml(path), path.resolve().parent, path.name))
+    return resolve(load_layers(read_params_file(path), path.resolve().parent, path.name))
 
 
 def validate_file(path: Path) -> list[Problem]:
@@ -737,8 +745,8 @@ def validate_file(path: Path) -> list[Problem]:
         kind = {"recipes": "recipe", "presets": "preset"}.get(path.parent.name)
         if kind:
             root = path.resolve().parent.parent
-            base = _read_yaml(root / "params.yaml") if (root / "params.yaml").exists() else {}
-            _read_yaml(path)
+            base = read_params_file(root / "params.yaml") if (root / "params.yaml").exists() else {}
+            read_params_file(path)
             resolve(load_layers({**base, kind: path.stem}, root))
         else:
             load_params(path)

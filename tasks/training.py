@@ -177,10 +177,11 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
 
 def launch_command(spec_path: Path, section: TrainingParams) -> list[str]:
     if section.launcher == "deepspeed":
+        # With a hostfile the launcher takes every slot it lists (world_size is then theirs to match).
+        placement = ["--hostfile", section.hostfile] if section.hostfile else ["--num_gpus", str(section.world_size)]
         return [
-            sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_gpus", str(section.world_size), "--master_port", str(_free_port()),
-            "--module", "model.engine", str(spec_path),
+            sys.executable, "-m", "deepspeed.launcher.runner", *placement,
+            "--master_port", str(_free_port()), "--module", "model.engine", str(spec_path),
         ]  # fmt: skip
     return [
         sys.executable, "-m", "torch.distributed.run",

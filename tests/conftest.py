@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tasks.params import Params, deep_merge, load_params
+from tasks.params import Params, load_params
+from tasks.workspace import make_workspace, write_params  # noqa: F401 - tests import write_params from here
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
@@ -16,16 +16,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_WORLD = {
     "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10}}},
 }
-
-
-def write_params(root: Path, overrides: dict | None = None) -> Path:
-    """A params.yaml under ``root``: the repo's params.yaml with ``overrides`` merged in."""
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    data = deep_merge(base, overrides or {})
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 @pytest.fixture
@@ -55,29 +45,27 @@ def tiny_llava(tiny_tokenizer):
     return build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=0).eval()
 
 
-# A whole pipeline small enough for CI: a 24-px world (3x3 patches of 8 px), 1-layer vision tower,
-# 2-layer LLMs, a few steps per stage. Stages run for real (DeepSpeed jobs, MLflow, checkpoints).
-TINY_PIPELINE = {
-    "tracking": {"system_metrics": False},
-    "curate": {
-        "world": {"image_size": 24, "images": {"general": 60, "multitask": 60, "preference": 24, "probes": 8}},
-        "image_tokens": 9,
-        "max_tokens": 256,
-    },
-    "teacher": {
-        "vision": {"image_size": 24, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2},
-        "text": {"hidden_size": 48, "intermediate_size": 96, "layers": 2, "heads": 4, "kv_heads": 2},
-        "vision_pretrain": {"steps": 5, "batch_size": 16},
-        "train": {"steps": 4, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 2, "warmup_steps": 1},
-    },
-    "align": {
-        "student": {"text": {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "kv_heads": 2}},
-        "steps": 2, "batch_size": 8, "micro_batch_size": 2, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1,
-        "fraction": 0.5, "world_size": 2,
-    },
-    "mimic_dense": {"steps": 3, "batch_size": 8, "micro_batch_size": 4, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1, "fraction": 0.5},
-    "upcycle": {"num_experts": 4, "top_k": 2, "layers": "every_other"},
-    "mimic_sparse": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1, "zero_stage": 3},
-    "preference": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
-    "evaluate": {"limit": 8},
-}  # fmt: skip
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A copy of this repo's pipeline with ``preset: ci``."""
+    return make_workspace(root, {"preset": "ci", **(overrides or {})})
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A throwaway Prefect API for the whole session (~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory, prefect_server) -> Path:
+    """The CI preset run once end to end through the `distill-pipeline` flow (every stage a real DVC stage)."""
+    from flows.pipeline import distill_pipeline
+
+    root = make_project(tmp_path_factory.mktemp("project"))
+    state = distill_pipeline(workdir=str(root), return_state=True)
+    assert state.is_completed(), f"the flow failed: {state.message}"
+    return root

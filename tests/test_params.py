@@ -40,8 +40,8 @@ def test_llava_kd_recipe_sets_dpt_sft_dft(tmp_path):
 
 def test_preset_overrides_params_file(tmp_path):
     ci = load_params(write_params(tmp_path, {"preset": "ci"}))
-    assert ci.curate.world.images.general == 300
-    assert ci.teacher.train.steps == 40
+    assert ci.curate.world.images.general == 60
+    assert ci.teacher.train.steps == 4
     assert ci.teacher.train.lr == load_params(REPO / "params.yaml").teacher.train.lr  # untouched keys stay
 
 

@@ -1,0 +1,49 @@
+"""Every shipped infra config and template parses: DeepSpeed, Prefect, Kubernetes (params files: test_params.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import load_params
+from tasks.training import deepspeed_config, launch_command
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_configs_fill_in(stage):
+    section = load_params(REPO / "params.yaml").mimic_dense.model_copy(update={"zero_stage": stage, "world_size": 2, "micro_batch_size": 4})
+    config = deepspeed_config(section)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 2
+
+
+def test_hostfile_template_and_multi_node_launch():
+    lines = [line.split() for line in (REPO / "infra/deepspeed/hostfile.example").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines and all(len(parts) == 2 and parts[1].startswith("slots=") and int(parts[1][6:]) > 0 for parts in lines)
+    section = load_params(REPO / "params.yaml").mimic_sparse.model_copy(update={"launcher": "deepspeed", "hostfile": "infra/deepspeed/hostfile.example"})
+    command = launch_command(Path("job.json"), section)
+    assert command[command.index("--hostfile") + 1] == "infra/deepspeed/hostfile.example" and "--num_gpus" not in command
+
+
+def test_kubernetes_work_pool_template():
+    template = json.loads((REPO / "infra/k8s/work-pool-template.json").read_text())
+    manifest = template["job_configuration"]["job_manifest"]
+    assert manifest["kind"] == "Job" and manifest["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    variables = template["variables"]["properties"]
+    # Every {{ placeholder }} is a declared variable.
+    text = json.dumps(template["job_configuration"])
+    assert set(re.findall(r"{{ (\w+) }}", text)) <= set(variables)
+
+
+def test_prefect_deployment_file():
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (deployment,) = config["deployments"]
+    assert deployment["name"] == "local" and deployment["work_pool"]["name"] == "tinymod-local"
+    module, function = deployment["entrypoint"].split(":")
+    assert (REPO / module).exists() and f"def {function}(" in (REPO / module).read_text()

@@ -1,0 +1,57 @@
+"""Probe metrics against cases worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.metrics import chair_scores, normalise, parse_yes_no, pope_scores, vqa_scores
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("Yes.", "yes"), ("no,", "no"), ("YES", "yes"), ("Yes, there is a star", "yes"), ("No there is not", "no"),
+     ("There is a star", None), ("", None), ("maybe", None)],
+)  # fmt: skip
+def test_yes_no_parsing_tolerates_punctuation_and_case(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_pope_by_hand():
+    # answers:     yes   yes   no    no    no
+    # predictions: Yes.  no    yes   no,   ??? (unparsed counts as no)
+    # TP=1 FN=1 FP=1 TN=2 -> acc 3/5, precision 1/2, recall 1/2, F1 1/2, predicted yes 2/5
+    s = pope_scores(["Yes.", "no", "yes", "no,", "a star"], ["yes", "yes", "no", "no", "no"])
+    assert s["accuracy"] == pytest.approx(0.6)
+    assert s["precision"] == pytest.approx(0.5) and s["recall"] == pytest.approx(0.5) and s["f1"] == pytest.approx(0.5)
+    assert s["yes_ratio"] == pytest.approx(0.4), "POPE reports the yes-ratio of the predictions, not of the answers"
+    assert s["unparsed"] == 1 and s["n"] == 5
+
+
+def test_pope_when_nothing_is_said_yes():
+    s = pope_scores(["no", "no"], ["yes", "no"])
+    assert s["precision"] == 0.0 and s["f1"] == 0.0 and s["yes_ratio"] == 0.0 and s["accuracy"] == 0.5
+
+
+def test_vqa_by_hand():
+    # 'The Red.' -> 'red' matches; 'two' vs 'three' misses; 'top left' matches 'Top left.'
+    s = vqa_scores(["The Red.", "two", "Top left."], ["red", "three", "top left"], ["colour", "count", "position"])
+    assert s["accuracy"] == pytest.approx(2 / 3)
+    assert s["accuracy/colour"] == 1.0 and s["accuracy/count"] == 0.0 and s["accuracy/position"] == 1.0
+    assert normalise("  An  Orange, STAR! ") == "orange star"
+
+
+def test_chair_by_hand():
+    vocabulary = ["circle", "star", "cross", "square"]
+    captions = [
+        "A red circle at the top left and a blue star in the centre.",  # circle ok, star hallucinated
+        "Two crosses and a cross.",  # cross ok (counted once)
+        "A green square.",  # square hallucinated
+    ]
+    truths = [["circle"], ["cross", "square"], ["circle"]]
+    s = chair_scores(captions, truths, vocabulary)
+    # mentioned objects per caption: {circle, star}, {cross}, {square} -> 4, hallucinated 2
+    assert s["chair_i"] == pytest.approx(2 / 4)
+    # captions with a hallucination: 1st and 3rd of 3
+    assert s["chair_s"] == pytest.approx(2 / 3)
+    # ground-truth objects 1 + 2 + 1 = 4, mentioned 1 + 1 + 0 = 2
+    assert s["recall"] == pytest.approx(2 / 4)

@@ -1,0 +1,140 @@
+"""The whole pipeline on the CI preset through the Prefect flow: registry, review card, DVC versioning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.workspace import dvc_env
+
+from .conftest import make_project
+
+
+def mlflow_client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / '.mlflow/mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=dvc_env())
+
+
+def test_dvc_repro_again_does_nothing_and_a_param_reruns_only_downstream(project):
+    """First in this file: later tests run stages outside DVC on purpose."""
+    out = dvc(project, "repro")
+    assert out.returncode == 0, out.stderr
+    assert "Running stage" not in out.stdout
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["evaluate"]["max_new_tokens"] = 40
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        out = dvc(project, "repro")
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert out.returncode == 0, out.stderr
+    ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate", "register"}, out.stdout
+
+
+def test_the_student_is_registered_with_lineage_gate_and_review(project):
+    client = mlflow_client(project)
+    version = client.get_model_version_by_alias("tinymod-student", "candidate")
+    assert client.get_model_version_by_alias("tinymod-student", "champion").version == version.version
+    tags = version.tags
+    assert tags["tinymod.recipe"] == "llava-mod" and tags["tinymod.gate"] == "passed"
+    assert len(tags["tinymod.git_commit"]) == 40
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    curated = next(o["md5"] for o in lock["curate"]["outs"] if o["path"] == "data/curated")
+    teacher = next(o["md5"] for o in lock["teacher"]["outs"] if o["path"] == "models/teacher")
+    assert tags["tinymod.dvc.curated_md5"] == curated and tags["tinymod.dvc.teacher_md5"] == teacher
+    assert len(tags["tinymod.params_hash"]) == 16 and len(tags["tinymod.weights_sha256"]) == 64
+    assert "pass: POPE adversarial F1" in tags["tinymod.gate_checks"] and "gate passed" in tags["tinymod.champion_reason"]
+
+    run = client.get_run(version.run_id)
+    assert any(k.startswith("student/tinymod_vqa/") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "review")}
+    assert {"review/review.md", "review/eval.json", "review/data_card.md"} <= artifacts
+    review = (project / "reports/review.md").read_text()
+    assert "| VQA acc |" in review and "## Gate" in review and "active / total" in review and "## Training" in review
+
+
+def test_the_champion_loads_back_with_plain_transformers(project, monkeypatch):
+    import mlflow
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / '.mlflow/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{project / '.mlflow/mlflow.db'}")
+    path = mlflow.artifacts.download_artifacts("models:/tinymod-student@champion")
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True)
+    assert model.config.text_config.model_type == "qwen2_moe"
+
+
+def test_registering_the_same_checkpoint_again_adds_no_version(project):
+    client = mlflow_client(project)
+    before = len(client.search_model_versions("name='tinymod-student'"))
+    out = subprocess.run([sys.executable, "-m", "tasks.register"], cwd=project, capture_output=True, text=True, check=True)
+    assert "no new version" in out.stdout
+    assert len(client.search_model_versions("name='tinymod-student'")) == before
+
+
+def test_evaluation_outputs(project):
+    scores = json.loads((project / "metrics/eval.json").read_text())
+    assert set(scores["models"]) == {"teacher", "align", "dense", "moe", "pref"}
+    pref = scores["models"]["pref"]
+    assert {"pope_f1", "pope_yes_ratio", "pope_accuracy"} <= set(pref["tasks"]["tinymod_pope_adversarial"])
+    assert {"vqa_accuracy", "vqa_accuracy_count"} <= set(pref["tasks"]["tinymod_vqa"])
+    assert {"chair_i", "chair_s"} <= set(pref["tasks"]["tinymod_caption"])
+    assert pref["parameters"]["active"] < pref["parameters"]["total"] and pref["decode_tokens_per_second"] > 0
+    report = (project / "reports/eval.md").read_text()
+    assert "| pref |" in report and ("(+" in report or "(-" in report)
+    assert (project / "reports/plots/eval_metrics.png").exists() and (project / "reports/plots/eval_pope.png").exists()
+
+
+def test_the_flow_published_artifacts(project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tinymod-")))
+            return {a.key for a in artifacts}
+
+    import asyncio
+
+    found = asyncio.run(keys())
+    assert {"tinymod-curate-report", "tinymod-evaluate-report", "tinymod-register-report", "tinymod-mimic-sparse-metrics"} <= found
+
+
+def test_a_failing_stage_fails_the_flow_run_without_retrying(tmp_path, prefect_server):
+    from flows.pipeline import distill_pipeline
+
+    root = make_project(tmp_path / "failing", {"curate": {"sources": [{"kind": "llava_json", "path": "missing.json", "image_root": ".", "split": "general"}]}})
+    state = distill_pipeline(workdir=str(root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="stage curate failed"):
+        state.result()
+
+
+def test_flow_overrides_are_validated_before_any_work(tmp_path, prefect_server):
+    from flows.pipeline import distill_pipeline
+
+    root = make_project(tmp_path / "bad")
+    before = (root / "params.yaml").read_text()
+    invalid = distill_pipeline(workdir=str(root), overrides={"teacher.train.lr": -1.0}, return_state=True)
+    assert invalid.is_failed()
+    with pytest.raises(Exception, match="teacher.train.lr"):
+        invalid.result()
+    # presets/ci.yaml sets mimic_dense.steps, and presets win: the override would do nothing.
+    masked = distill_pipeline(workdir=str(root), overrides={"mimic_dense.steps": 50}, return_state=True)
+    with pytest.raises(Exception, match="mimic_dense.steps.*masked.*presets/ci.yaml"):
+        masked.result()
+    assert (root / "params.yaml").read_text() == before, "a rejected override must not touch params.yaml"
+    assert not (root / "data").exists()

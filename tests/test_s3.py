@@ -1,0 +1,123 @@
+"""S3 through boto3 against a real S3-compatible server on loopback (moto's server mode)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from model.s3 import S3Error, check_bucket, download_prefix
+from tasks.workspace import dvc_env
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, s3_endpoint):
+    """Credentials and endpoint for boto3, DVC and MLflow, from the environment only."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "tinymod-test",
+        "AWS_SECRET_ACCESS_KEY": "tinymod-secret-never-logged",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    return s3_endpoint
+
+
+def bucket(name: str):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=name)
+    return s3
+
+
+def test_checkpoint_download_from_a_prefix(s3_env, tmp_path):
+    s3 = bucket("teachers")
+    s3.put_object(Bucket="teachers", Key="llava/config.json", Body=b"{}")
+    s3.put_object(Bucket="teachers", Key="llava/sub/model.safetensors", Body=b"weights")
+    local = download_prefix("s3://teachers/llava", tmp_path)
+    assert (local / "config.json").read_bytes() == b"{}" and (local / "sub/model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_missing_bucket_is_named(s3_env):
+    with pytest.raises(S3Error, match="bucket 'no-such-bucket' does not exist"):
+        check_bucket("s3://no-such-bucket/mlflow")
+    with pytest.raises(S3Error, match="no-such-bucket"):
+        download_prefix("s3://no-such-bucket/x", Path("/tmp"))
+
+
+def test_an_unreachable_endpoint_is_retried_then_fails_clearly(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-that-must-not-leak")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
+    started = time.time()
+    with pytest.raises(S3Error, match="unreachable after 3 attempts") as info:
+        check_bucket("s3://bucket/prefix", attempts=3, backoff_s=0.2)
+    assert time.time() - started >= 0.2 + 0.4, "backs off between attempts"
+    assert "secret-that-must-not-leak" not in str(info.value), "credentials never appear in errors"
+
+
+def test_dvc_remote_push_and_pull(s3_env, tmp_path):
+    bucket("dvc-store")
+    root = tmp_path / "repo"
+    root.mkdir()
+    env = {**dvc_env(), "HOME": str(tmp_path)}
+
+    def run(*args: str) -> str:
+        out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    dvc = [sys.executable, "-m", "dvc"]
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    run(*dvc, "remote", "add", "-d", "s3", "s3://dvc-store/tinymod")
+    run(*dvc, "remote", "modify", "s3", "endpointurl", s3_env)
+    (root / "data.txt").write_text("curated records\n")
+    run(*dvc, "add", "data.txt")
+    log = run(*dvc, "push")
+    assert "tinymod-secret-never-logged" not in log and "tinymod-secret" not in (root / ".dvc/config").read_text()
+    (root / "data.txt").unlink()
+    shutil.rmtree(root / ".dvc/cache")  # so the pull must come from S3
+    run(*dvc, "pull")
+    assert (root / "data.txt").read_text() == "curated records\n"
+
+
+def test_mlflow_artifacts_on_s3_register_and_download_by_alias(s3_env, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    bucket("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("s3-test", artifact_location="s3://mlflow/artifacts")
+    check_bucket(client.get_experiment(experiment).artifact_location)
+    run = client.create_run(experiment)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "llava"}')
+    client.log_artifacts(run.info.run_id, str(checkpoint), artifact_path="model")
+    client.create_registered_model("s3-student")
+    version = client.create_model_version("s3-student", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("s3-student", "champion", version.version)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="mlflow")["Contents"]]
+    assert any(k.endswith("model/config.json") for k in keys)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    path = mlflow.artifacts.download_artifacts("models:/s3-student@champion", dst_path=str(tmp_path / "back"))
+    assert (Path(path) / "config.json").read_text() == '{"model_type": "llava"}'
