@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -65,10 +65,12 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=_retry_transient, task_run_name="{stage}")
-def run_stage(stage: str, workdir: str) -> dict:
+def run_stage(stage: str, workdir: str, flow_run_id: str = "") -> dict:
     """``dvc repro -s <stage>`` in ``workdir``; the stage's metrics, published as an artifact."""
     logger = get_run_logger()
     env = dict(os.environ)
+    # One tag groups this flow run's MLflow runs, whatever each stage logs.
+    env["TINYMOD_PIPELINE_RUN"] = str(flow_run_id)
     # Stage commands call `python`: the interpreter running this flow, with its environment.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.run(
@@ -190,9 +192,10 @@ def distill_pipeline(recipe: str | None = None, overrides: dict | None = None, p
     if changes:
         logger.info("params.yaml changed: %s", ", ".join(changes))
     params = load_params(root / "params.yaml")  # every problem reported before any work
+    flow_run_id = str(runtime.flow_run.id)
     results = {}
     for stage in STAGES:
-        results[stage] = run_stage(stage, workdir)
+        results[stage] = run_stage(stage, workdir, flow_run_id)
     registered = results["register"]["metrics"]
     if registered.get("awaiting_approval"):
         review = (root / params.paths.reports / "review.md").read_text()

@@ -259,6 +259,16 @@ def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 # ---------------------------------------------------------------- data order
 
 
+def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays)."""
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"step {step}: loss term {name!r} is {float(value)}; stopping before the step is applied "
+                "(checkpoints up to then are kept). Lower the learning rate or this term's weight and re-run the stage."
+            )
+
+
 def global_batch(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
     """Record indices of optimizer step ``step``: epochs of seeded permutations, cut into batches.
 
@@ -428,20 +438,32 @@ class TrainingRecipe:
         bar = tqdm(
             total=self.steps, initial=self.start_step, desc=self.stage, unit="step", disable=self.rank != 0, mininterval=2, file=sys.stdout
         )
+        window_started, window_tokens, window_steps = time.time(), 0, 0
         for step in range(self.start_step, self.steps):
             self.engine.train()
             for batch in self._micro_batches(step):
                 terms = self.engine(batch)
+                check_finite(terms, step + 1)  # before backward: the bad step is never applied
                 self.engine.backward(terms["loss"])
                 self.engine.step()
-                tokens += int(batch.get("attention_mask", batch.get("chosen_attention_mask")).sum())
+                batch_tokens = int(batch.get("attention_mask", batch.get("chosen_attention_mask")).sum())
+                tokens += batch_tokens
+                window_tokens += batch_tokens
                 for name, value in terms.items():
                     window[name].append(float(value.detach()))
             done = step + 1
+            window_steps += 1
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                window["grad_norm"].append(float(grad_norm))
             if done % self.log_every == 0 or done == self.steps:
+                elapsed = max(time.time() - window_started, 1e-9)
                 metrics = {name: sum(v) / len(v) for name, v in window.items()}
                 metrics["lr"] = self.engine.get_lr()[0]
+                metrics["samples_per_second"] = window_steps * self.batch_size / elapsed
+                metrics["tokens_per_second"] = window_tokens * self.world / elapsed
                 window.clear()
+                window_started, window_tokens, window_steps = time.time(), 0, 0
                 if self.rank == 0:
                     # The stage's process forwards these rows to MLflow as they land.
                     history.write(json.dumps({"step": done, **metrics}) + "\n")

@@ -284,11 +284,7 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
             if candidates[qtype] and len(out) < n:
                 question, answer = candidates[qtype].pop(rng.randrange(len(candidates[qtype])))
                 out.append((qtype, question, answer))
-    # Existence, then count, before any question that names a present shape: "What colour is the
-    # star?" earlier in a conversation would give away "Is there a star?" from the text alone,
-    # and a model trained on that learns to answer "no" to any shape not yet mentioned.
-    first = {"existence": 0, "count": 1}
-    return sorted(out, key=lambda item: first.get(item[0], 2))
+    return out
 
 
 # ---------------------------------------------------------------- objects in free text (CHAIR)

@@ -309,6 +309,8 @@ class VisionPretrainParams(Section):
 
 
 class TeacherParams(Section):
+    seed: int = 0
+    """Seed of the embedded teacher's initialisation and data order; apart from the global seed, so student runs over seeds share one teacher."""
     source: str = "train"
     """`train` trains the embedded teacher on the world; otherwise a local folder or s3:// URI of a LLaVA-format HF checkpoint."""
     vision: VisionParams = VisionParams()
@@ -336,8 +338,8 @@ class AlignParams(TrainingParams):
 
 
 class UpcycleParams(Section):
-    num_experts: int = Field(4, ge=2, le=256)
-    """Experts per MoE layer, each a copy of the dense FFN."""
+    num_experts: int = Field(4, ge=1, le=256)
+    """Experts per MoE layer, each a copy of the dense FFN (1 with top_k 1: a dense FFN in MoE form, for dense baselines)."""
     top_k: int = Field(2, ge=1)
     """Experts each token is routed to (weights renormalised over the top k)."""
     layers: Literal["every_other", "first_half", "second_half", "all"] | list[Annotated[int, Field(ge=0)]] = "every_other"

@@ -39,20 +39,20 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
     pretrained: dict = {}
 
     def build(out: Path) -> None:
-        model = build_llava(t.vision, t.text, tokenizer, params.seed)
+        model = build_llava(t.vision, t.text, tokenizer, t.seed)
         processor = build_processor(tokenizer, model.config.vision_config)
         if t.vision_pretrain.steps and any(source.kind == "world" for source in params.curate.sources):
             w = params.curate.world
             pretrained.update(
                 pretrain_vision(
                     model, processor.image_processor, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
-                    t.vision_pretrain.steps, t.vision_pretrain.lr, t.vision_pretrain.batch_size, params.seed,
+                    t.vision_pretrain.steps, t.vision_pretrain.lr, t.vision_pretrain.batch_size, t.seed,
                 )
             )  # fmt: skip
             print(f"teacher: vision tower pretrained, held-out cell accuracy {pretrained['held_out_cell_accuracy']}", flush=True)
         save_checkpoint(model, processor, out)
 
-    job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=stage_files(paths, t.train.splits))
+    job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=stage_files(paths, t.train.splits), seed=t.seed)
     metrics = run_job(params, paths, job, build_init=build)
     if pretrained:
         metrics["vision_pretrain"] = pretrained

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -68,15 +69,15 @@ def params_hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` for MLflow params (values cut to MLflow's 6000 chars)."""
-    out: dict[str, str] = {}
+def flatten(data: dict, separator: str = ".", prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested sections as MLflow param or metric names."""
+    out: dict = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
+            out.update(flatten(value, separator, name + separator))
         else:
-            out[name] = json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000]
+            out[name] = value
     return out
 
 
@@ -97,39 +98,49 @@ def start_stage_run(params: Params, stage: str, section: dict, root: Path = Path
         "tinymod.params_hash": params_hash(section),
         "mlflow.source.git.commit": git_commit(root),
         "mlflow.runName": f"{stage}",
+        "tinymod.pipeline_run": pipeline_run_tag(params, root),
     }
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=stage)
-    flat = flatten(section)
-    items = [Param(k, v) for k, v in flat.items()]
+    # MLflow params are strings of at most 6000 characters.
+    items = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flatten(section).items()]
     for start in range(0, len(items), 100):
         mlflow_client.log_batch(run.info.run_id, params=items[start : start + 100], tags=[RunTag("tinymod.seed", str(params.seed))])
     return run.info.run_id
 
 
-def finish_run(params: Params, run_id: str, metrics: dict, artifacts: list[Path], root: Path = Path("."), failed: bool = False) -> None:
-    """Log the stage's final metrics (numbers only, flattened) and artifacts, then close the run."""
+def system_metrics(params: Params, run_id: str, root: Path = Path(".")):
+    """CPU, memory, disk, network (and GPU) of this machine into the run every 10 s while a job trains; None when off."""
+    if not params.tracking.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri(params.tracking, root))
+    monitor.start()
+    return monitor
+
+
+def pipeline_run_tag(params: Params, root: Path = Path(".")) -> str:
+    """What groups the stage runs of one pipeline run: the Prefect flow run, else the commit and resolved params."""
+    return os.environ.get("TINYMOD_PIPELINE_RUN") or f"{git_commit(root)[:10]}-{params_hash(params.model_dump(mode='json'))}"
+
+
+def finish_run(
+    params: Params, run_id: str, metrics: dict, artifacts: list[Path], root: Path = Path("."), failed: bool = False, checkpoint: Path | None = None
+) -> None:
+    """Log the stage's final metrics (numbers only, flattened), artifacts and checkpoint (under ``model/``), then close the run."""
     from mlflow.entities import Metric
 
     mlflow_client, _ = client(params, root)
-    numbers = {k: float(v) for k, v in flatten_numbers(metrics).items()}
+    numbers = {k: float(v) for k, v in flatten(metrics, "/").items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     batch = [Metric(k, v, 0, 0) for k, v in numbers.items()]
     for start in range(0, len(batch), 500):
         mlflow_client.log_batch(run_id, metrics=batch[start : start + 500])
     for path in artifacts:
         if path.exists():
             mlflow_client.log_artifact(run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
+    if checkpoint is not None and checkpoint.is_dir():
+        mlflow_client.log_artifacts(run_id, str(checkpoint), artifact_path="model")
     mlflow_client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
-def flatten_numbers(data: dict, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_numbers(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = value
-    return out
 
 
 

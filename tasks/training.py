@@ -37,7 +37,7 @@ class StageError(StageFailure):
 
 @dataclass
 class Job:
-    """What one training stage trains, from what, on what."""
+    """What one training stage trains, from what, on what (``seed`` None: the global seed)."""
 
     stage: str
     section: TrainingParams
@@ -47,6 +47,7 @@ class Job:
     teacher: Path | None = None
     reference: str | None = None  # preference stage: "teacher" or "self"
     dpo: dict | None = None
+    seed: int | None = None
 
     @property
     def preference(self) -> bool:
@@ -110,7 +111,7 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
         "reference": job.reference,
         "dpo": job.dpo,
         "run_dir": str(run_dir),
-        "seed": params.seed,
+        "seed": params.seed if job.seed is None else job.seed,
         "chunk_size": section.chunk_size,
         "train": section.model_dump(mode="json"),
         "data": {
@@ -154,20 +155,22 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
     state["mlflow_run_id"] = run_id
     state_file.write_text(json.dumps(state))
     forwarder = HistoryForwarder(params, run_id, run_dir / "history.jsonl")
+    monitor = tracking.system_metrics(params, run_id)
     try:
         running.wait()
     except StageError:
-        forwarder.stop()
         tracking.finish_run(params, run_id, {}, [run_dir / "job.log"], failed=True)
         raise
     finally:
         forwarder.stop()
+        if monitor is not None:
+            monitor.finish()
     result = json.loads((run_dir / "result.json").read_text())
     history = list(read_jsonl(run_dir / "history.jsonl"))
     metrics = {**result, "final": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}
     write_json(paths.metrics / f"{job.stage}.json", metrics)
     plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
-    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"])
+    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=job.out)
     # Finished: the resumable state has done its job and a later run starts clean.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state["finished"] = True

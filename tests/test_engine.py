@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.builders import build_llava
-from model.engine import LiveTeacher, Objective, Weights, global_batch, lr_lambda, select_trainable
+from model.engine import LiveTeacher, Objective, Weights, check_finite, global_batch, lr_lambda, select_trainable
 from model.upcycle import upcycle
 from tasks.params import TextParams, UpcycleParams, VisionParams
 
@@ -91,3 +91,11 @@ def test_preference_terms(tiny_llava, tiny_tokenizer):
     assert {"dpo", "sft", "reward_accuracy", "reward_margin", "policy_chosen_logps", "reference_rejected_logps"} <= set(terms)
     assert terms["loss"].item() == pytest.approx(terms["dpo"].item() + 0.5 * terms["sft"].item(), rel=1e-6)
     assert terms["reference_rejected_logps"].item() == pytest.approx(-4.5)
+
+
+def test_a_nan_or_inf_term_stops_training_naming_step_and_term():
+    check_finite({"loss": torch.tensor(1.0), "ce": torch.tensor(0.5)}, step=3)
+    with pytest.raises(FloatingPointError, match=r"step 7: loss term 'kl_visual' is nan"):
+        check_finite({"loss": torch.tensor(1.0), "kl_visual": torch.tensor(float("nan"))}, step=7)
+    with pytest.raises(FloatingPointError, match="'ce' is inf"):
+        check_finite({"ce": torch.tensor(float("inf"))}, step=1)

@@ -138,3 +138,39 @@ def test_flow_overrides_are_validated_before_any_work(tmp_path, prefect_server):
         masked.result()
     assert (root / "params.yaml").read_text() == before, "a rejected override must not touch params.yaml"
     assert not (root / "data").exists()
+
+
+def test_approval_pauses_the_flow_before_champion_moves(project):
+    """Last in this file: it changes the project's params (register.require_approval)."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.pipeline import distill_pipeline
+
+    outcome: dict = {}
+    flow = threading.Thread(
+        target=lambda: outcome.update(state=distill_pipeline(workdir=str(project), overrides={"register.require_approval": True}, return_state=True))
+    )
+    flow.start()
+    paused = None
+    deadline = time.time() + 300
+    with get_client(sync_client=True) as client:
+        while paused is None:
+            assert flow.is_alive(), f"the flow ended without pausing: {outcome}"
+            assert time.time() < deadline, "the flow never paused for approval"
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            paused = runs[0] if runs else None
+            time.sleep(1)
+    review = mlflow_client(project).get_model_version_by_alias("tinymod-student", "candidate").tags
+    assert review["tinymod.awaiting_approval"] == "true"
+    resume_flow_run(paused.id, run_input={"approve": True, "note": "checked the review card"})
+    flow.join(timeout=300)
+    assert outcome["state"].is_completed()
+    tags = mlflow_client(project).get_model_version_by_alias("tinymod-student", "champion").tags
+    assert "approved by a reviewer: checked the review card" in tags["tinymod.champion_reason"]
+    assert "tinymod.awaiting_approval" not in tags

@@ -67,6 +67,12 @@ def test_stage_metrics_and_mlflow_runs(project):
     assert [m.step for m in client.get_metric_history(align_run.info.run_id, "train/loss")] == [1, 2]
     assert align_run.data.params["world_size"] == "2"
     assert by_stage["mimic_sparse"].data.params["zero_stage"] == "3"
+    # One pipeline run's stage runs share a tag; each training run holds its checkpoint and throughput.
+    assert len({by_stage[s].data.tags["tinymod.pipeline_run"] for s in by_stage}) == 1
+    for stage in ("teacher", "mimic_sparse", "preference"):
+        run_id = by_stage[stage].info.run_id
+        assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
+        assert {"train/grad_norm", "train/samples_per_second", "train/tokens_per_second", "train/lr"} <= set(by_stage[stage].data.metrics)
 
 
 def copy_inputs(project: Path, root: Path, *names: str) -> Path:
@@ -129,3 +135,45 @@ def test_params_are_validated_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mimic_dense.steps" in err and "mimic_dense.colour" in err
     assert not (tmp_path / ".cache").exists(), "nothing may start before params validate"
+
+
+def test_a_few_dpo_steps_raise_the_policy_margin_above_the_reference(project):
+    """On the project's preference pairs, with the teacher as the reference model."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from model.builders import load_llava
+    from model.data import Collator, PreferenceDataset
+    from model.engine import LiveTeacher, Objective, Weights, select_trainable
+
+    torch.manual_seed(0)
+    records = [json.loads(line) for line in (project / "data/curated/preference.jsonl").read_text().splitlines()][:16]
+    student_dir = project / "models/student_moe"
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    processor = AutoProcessor.from_pretrained(student_dir)
+    student = load_llava(student_dir)
+    dataset = PreferenceDataset(records, project / "data/curated", tokenizer, processor.image_processor, student.config.image_seq_length)
+    batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    reference = LiveTeacher(load_llava(project / "models/teacher"))
+    batch["reference_logps"] = torch.stack(
+        [reference.sequence_logprobs(batch[f"{s}_input_ids"], batch["pixel_values"], batch[f"{s}_attention_mask"], batch[f"{s}_labels"]) for s in ("chosen", "rejected")],
+        dim=1,
+    )
+    select_trainable(student, ["projector", "experts", "router", "mlp"])
+    objective = Objective(student, reference, Weights(dpo=1.0), 1.0, {"beta": 0.1, "loss_type": "sigmoid"}, 1024)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-3)
+
+    def margin() -> float:
+        """mean over pairs of (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))."""
+        terms = objective(batch)
+        policy = terms["policy_chosen_logps"] - terms["policy_rejected_logps"]
+        ref = terms["reference_chosen_logps"] - terms["reference_rejected_logps"]
+        return float(policy - ref)
+
+    before = margin()
+    for _ in range(8):
+        loss = objective(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = margin()
+    assert after > before and after > 0, (before, after)

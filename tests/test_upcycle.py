@@ -42,6 +42,16 @@ def test_upcycled_logits_equal_dense(tiny_llava, tiny_tokenizer, layers, router_
     assert moe.config.text_config.mlp_only_layers == [i for i in range(4) if i not in expected]
 
 
+def test_one_expert_is_a_dense_ffn_in_moe_form(tiny_llava, tiny_tokenizer):
+    """num_experts 1, top_k 1: the dense baseline that goes through the same stages as the MoE student."""
+    moe = upcycle(tiny_llava, UpcycleParams(num_experts=1, top_k=1, layers="all")).eval()
+    batch = inputs(tiny_llava, tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(moe(**batch).logits, tiny_llava(**batch).logits, atol=1e-5)
+    counts = parameter_counts(moe)
+    assert counts["active"] == counts["total"]
+
+
 def test_shared_expert_and_qwen3_are_exact_too(tiny_tokenizer):
     for family, shared in (("qwen2", True), ("qwen3", False)):
         dense = build_llava(VisionParams(**TINY_VISION), TextParams(**{**TINY_TEXT, "family": family}), tiny_tokenizer, 0).eval()

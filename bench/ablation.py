@@ -1,0 +1,185 @@
+"""Reproduce the papers' claims in miniature on the embedded world, over seeds.
+
+Each variant and seed runs in a fresh workspace (a copy of the pipeline) that
+shares this checkout's DVC cache, so `curate` and `teacher` come from DVC's
+run-cache (the teacher has its own seed) and only the student stages train:
+
+    no_teacher         align + mimic_dense with ce only                  -> dense student
+    llava_mod          align + mimic_dense (KD) -> upcycle + mimic_sparse (KD) -> preference
+                       scored after mimic_dense (dense KD), mimic_sparse (MoE KD), preference
+    dense_same_active  the same stages with a dense student as wide as the MoE's active FFN
+                       (upcycled to 1 expert, top-1: a dense FFN in MoE form)
+    llava_kd           the LLaVA-KD recipe (DPT -> SFT -> DFT)            -> student after DFT
+
+Every student is scored through the evaluate stage (lmms-eval). Writes
+reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
+logs them to MLflow (experiment tinymod-ablation).
+
+    python bench/ablation.py [--seeds 0 1 2] [--variants ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.params import REPO
+from tasks.workspace import dvc_env, make_workspace
+
+# variant -> (params overrides, last DVC stage, {model key: row label})
+VARIANTS = {
+    "no_teacher": (
+        {"align": {"loss": {"ce": 1.0}}, "mimic_dense": {"loss": {"ce": 1.0, "kl_response": 0.0}}},
+        "mimic_dense",
+        {"dense": "(1) no teacher, ce only (dense)"},
+    ),
+    "llava_mod": (
+        {},
+        "preference",
+        {"dense": "(2) mimic_dense: dense KD", "moe": "(3) + upcycle + mimic_sparse: MoE KD", "pref": "(4) + preference distillation"},
+    ),
+    "dense_same_active": (
+        {"align": {"student": {"text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1}},
+        "mimic_sparse",
+        {"moe": "(5) dense, same active parameters as (3)"},
+    ),
+    "llava_kd": ({"recipe": "llava-kd"}, "mimic_sparse", {"moe": "(6) LLaVA-KD recipe (DPT, SFT, DFT)"}),
+}
+COLUMNS = [
+    ("VQA acc", "tinymod_vqa", "vqa_accuracy"),
+    ("POPE F1 rand", "tinymod_pope_random", "pope_f1"),
+    ("POPE F1 pop", "tinymod_pope_popular", "pope_f1"),
+    ("POPE F1 adv", "tinymod_pope_adversarial", "pope_f1"),
+    ("yes-ratio adv", "tinymod_pope_adversarial", "pope_yes_ratio"),
+    ("CHAIR-i", "tinymod_caption", "chair_i"),
+    ("CHAIR-s", "tinymod_caption", "chair_s"),
+]
+STAGE_METRICS = ("align", "mimic_dense", "mimic_sparse", "preference")
+
+
+def run(command: list[str], cwd: Path) -> None:
+    process = subprocess.run(command, cwd=cwd, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{process.stdout[-4000:]}")
+
+
+def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool) -> dict:
+    overrides, last_stage, models = VARIANTS[name]
+    evaluate = list(models) + (["teacher"] if with_teacher else [])
+    root = make_workspace(workdir / f"{name}-seed{seed}", {**overrides, "seed": seed, "evaluate": {"models": evaluate}})
+    run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(REPO / ".dvc" / "cache")], root)
+    started = time.time()
+    run([sys.executable, "-m", "dvc", "repro", last_stage], root)
+    run([sys.executable, "-m", "tasks.evaluate"], root)  # only the variant's students: outside DVC, in a throwaway workspace
+    scores = json.loads((root / "metrics/eval.json").read_text())["models"]
+    seconds = sum(json.loads((root / f"metrics/{s}.json").read_text())["seconds"] for s in STAGE_METRICS if (root / f"metrics/{s}.json").exists())
+    print(f"ablation: {name} seed {seed} done in {time.time() - started:.0f} s", flush=True)
+    return {"scores": scores, "train_seconds": seconds}
+
+
+def table(results: dict) -> tuple[list[str], dict]:
+    """Markdown rows (mean ± std over seeds) and the same numbers as data."""
+    rows, data = [], {}
+    labels = [("teacher", "teacher", "teacher")] + [(v, m, label) for v, (_, _, models) in VARIANTS.items() for m, label in models.items()]
+    for variant, model, label in labels:
+        runs = results.get("teacher" if variant == "teacher" else variant, [])
+        per_seed = [r["scores"][model] for r in runs if model in r["scores"]]
+        if not per_seed:
+            continue
+        entry = {}
+        cells = []
+        for column, task, metric in COLUMNS:
+            values = [s["tasks"][task][metric] for s in per_seed if task in s["tasks"]]
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[column] = {"mean": mean, "std": std, "n": len(values)}
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        params = per_seed[0]["parameters"]
+        seconds = [r["train_seconds"] for r in runs] if variant != "teacher" else []
+        entry.update(parameters=params, train_seconds=statistics.fmean(seconds) if seconds else None)
+        time_cell = f"{statistics.fmean(seconds):.0f}" if seconds else "(teacher stage)"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {params['active']:,} / {params['total']:,} | {time_cell} |")
+        data[label] = entry
+    return rows, data
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ["VQA acc", "POPE F1 adv", "CHAIR-i"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), sharey=False)
+    for ax, column in zip(axes, shown, strict=True):
+        labels = list(data)
+        means = [data[label][column]["mean"] for label in labels]
+        stds = [data[label][column]["std"] for label in labels]
+        ax.barh(range(len(labels)), means, xerr=stds, color=["grey"] + ["C0"] * (len(labels) - 1))
+        ax.set_yticks(range(len(labels)), [label.split(")")[0] + ")" if ")" in label else label for label in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(column + (" (lower is better)" if column.startswith("CHAIR") else ""), fontsize=9)
+    fig.suptitle("Ablation on the embedded world (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--workdir", type=Path, help="keep the workspaces here (default: a temporary folder)")
+    args = parser.parse_args()
+    started = time.time()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        for seed in args.seeds:
+            for name in args.variants:
+                result = run_variant(name, seed, workdir, with_teacher=name == args.variants[0] and seed == args.seeds[0])
+                results.setdefault(name, []).append(result)
+                if "teacher" in result["scores"]:
+                    results["teacher"] = [result]
+    rows, data = table(results)
+    minutes = (time.time() - started) / 60
+    header = ["| model | " + " | ".join(c for c, *_ in COLUMNS) + " | active / total params | train s |", "|---|" + "---:|" * (len(COLUMNS) + 2)]
+    report = [
+        "# Ablation on the embedded world",
+        "",
+        f"Seeds {args.seeds}; every student scored by the evaluate stage (lmms-eval); {minutes:.0f} minutes in all.",
+        "Reproduce: `python bench/ablation.py`.",
+        "",
+        *header,
+        *rows,
+        "",
+        "![ablation](plots/ablation.png)",
+        "",
+    ]
+    (REPO / "reports/plots").mkdir(parents=True, exist_ok=True)
+    (REPO / "reports/ablation.md").write_text("\n".join(report), encoding="utf-8")
+    plot(data, REPO / "reports/plots/ablation.png")
+    (REPO / "metrics/ablation.json").write_text(json.dumps({"seeds": args.seeds, "minutes": minutes, "rows": data}, indent=2))
+    log_to_mlflow(data, args.seeds)
+    print("\n".join(report))
+
+
+def log_to_mlflow(data: dict, seeds: list[int]) -> None:
+    from tasks import tracking
+    from tasks.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": "tinymod-ablation"})})
+    run_id = tracking.start_stage_run(params, "ablation", {"seeds": seeds, "variants": list(VARIANTS)}, root=REPO)
+    metrics = {label.split(")")[0].strip("(") if ")" in label else label: {c: v["mean"] for c, v in e.items() if isinstance(v, dict) and "mean" in v} for label, e in data.items()}
+    tracking.finish_run(params, run_id, metrics, [REPO / "reports/ablation.md", REPO / "reports/plots/ablation.png", REPO / "metrics/ablation.json"], root=REPO)
+
+
+if __name__ == "__main__":
+    main()

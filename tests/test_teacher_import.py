@@ -1,0 +1,69 @@
+"""A real teacher is imported only after it is validated; nothing pickled, no remote code, one vocabulary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from model.builders import CheckpointError, build_processor, validate_checkpoint
+from model.tokenizer import save_tokenizer, train_tokenizer
+from tasks import teacher as teacher_stage
+from tasks.common import StagePaths
+from tasks.params import load_params
+from tasks.workspace import write_params
+
+
+@pytest.fixture
+def checkpoint(tiny_llava, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "llava-hf"
+    tiny_llava.save_pretrained(folder, safe_serialization=True)
+    build_processor(tiny_tokenizer, tiny_llava.config.vision_config).save_pretrained(folder)
+    return folder
+
+
+def test_a_valid_checkpoint_imports_and_loads(checkpoint, tiny_tokenizer, tmp_path):
+    root = tmp_path / "project"
+    write_params(root, {"teacher": {"source": str(checkpoint)}})
+    save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert teacher_stage.main(["--params", "params.yaml"]) == 0
+    finally:
+        os.chdir(cwd)
+    metrics = json.loads((root / "metrics/teacher.json").read_text())
+    assert metrics["source"] == str(checkpoint) and metrics["total_parameters"] > 0
+    assert (root / "models/teacher/model.safetensors").exists()
+    paths = StagePaths(load_params(root / "params.yaml"), root)
+    assert paths.teacher == root / "models/teacher"
+
+
+def test_pickled_weights_are_refused_not_loaded(tiny_llava, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "pickled"
+    tiny_llava.save_pretrained(folder, safe_serialization=False)
+    build_processor(tiny_tokenizer, tiny_llava.config.vision_config).save_pretrained(folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    if not list(folder.glob("*.bin")):  # transformers 5 may refuse to write pickles: make one
+        torch.save(tiny_llava.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        validate_checkpoint(folder)
+
+
+def test_remote_code_and_wrong_architecture_are_refused(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "evil.Model"}
+    config["model_type"] = "qwen2"
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        validate_checkpoint(checkpoint)
+    assert "remote code" in str(info.value) and "model_type is 'qwen2'" in str(info.value)
+
+
+def test_a_different_vocabulary_names_both_sizes(checkpoint):
+    other = train_tokenizer(["completely different words here"] * 30, vocab_size=310)
+    with pytest.raises(CheckpointError, match=r"student tokenizer \(models/tokenizer\) has \d+ tokens, teacher .* has \d+"):
+        validate_checkpoint(checkpoint, student_tokenizer=other)
