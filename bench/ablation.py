@@ -16,6 +16,8 @@ reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
 logs them to MLflow (experiment tinymod-ablation).
 
     python bench/ablation.py [--seeds 0 1 2] [--variants ...] [--workdir DIR]
+
+With --workdir, finished runs are kept there and a rerun skips them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def run(command: list[str], cwd: Path) -> None:
 def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool) -> dict:
     overrides, last_stage, models = VARIANTS[name]
     evaluate = list(models) + (["teacher"] if with_teacher else [])
+    done = workdir / f"{name}-seed{seed}.json"
+    if done.exists():  # a rerun with the same --workdir picks up where an interrupted one stopped
+        return json.loads(done.read_text())
     root = make_workspace(workdir / f"{name}-seed{seed}", {**overrides, "seed": seed, "evaluate": {"models": evaluate}})
     run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(REPO / ".dvc" / "cache")], root)
     started = time.time()
@@ -80,7 +85,9 @@ def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool) -> dict
     scores = json.loads((root / "metrics/eval.json").read_text())["models"]
     seconds = sum(json.loads((root / f"metrics/{s}.json").read_text())["seconds"] for s in STAGE_METRICS if (root / f"metrics/{s}.json").exists())
     print(f"ablation: {name} seed {seed} done in {time.time() - started:.0f} s", flush=True)
-    return {"scores": scores, "train_seconds": seconds}
+    result = {"scores": scores, "train_seconds": seconds}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def table(results: dict) -> tuple[list[str], dict]:
