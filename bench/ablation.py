@@ -68,6 +68,8 @@ COLUMNS = [
     ("object recall", "tinymod_caption", "object_recall"),
 ]
 STAGE_METRICS = ("align", "mimic_dense", "mimic_sparse", "preference")
+# A model's training time is that of the stages up to the one that writes it.
+TRAINED_BY = {"dense": "mimic_dense", "moe": "mimic_sparse", "pref": "preference"}
 
 
 def run(command: list[str], cwd: Path, threads: int | None) -> None:
@@ -93,9 +95,9 @@ def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads
     run([sys.executable, "-m", "dvc", "repro", last_stage], root, threads)
     run([sys.executable, "-m", "tasks.evaluate"], root, threads)  # only the variant's students: outside DVC, in a throwaway workspace
     scores = json.loads((root / "metrics/eval.json").read_text())["models"]
-    seconds = sum(json.loads((root / f"metrics/{s}.json").read_text())["seconds"] for s in STAGE_METRICS if (root / f"metrics/{s}.json").exists())
+    seconds = {s: json.loads((root / f"metrics/{s}.json").read_text())["seconds"] for s in STAGE_METRICS if (root / f"metrics/{s}.json").exists()}
     print(f"ablation: {name} seed {seed} done in {time.time() - started:.0f} s", flush=True)
-    result = {"scores": scores, "train_seconds": seconds, "started": started, "finished": time.time()}
+    result = {"scores": scores, "stage_seconds": seconds, "started": started, "finished": time.time()}
     done.write_text(json.dumps(result))
     return result
 
@@ -127,7 +129,8 @@ def table(results: dict) -> tuple[list[str], dict]:
             entry[column] = {"mean": mean, "std": std, "n": len(values)}
             cells.append(f"{mean:.3f} ± {std:.3f}")
         params = per_seed[0]["parameters"]
-        seconds = [r["train_seconds"] for r in runs] if variant != "teacher" else []
+        stages = STAGE_METRICS[: STAGE_METRICS.index(TRAINED_BY[model]) + 1] if variant != "teacher" else ()
+        seconds = [sum(r["stage_seconds"].get(s, 0.0) for s in stages) for r in runs] if stages else []
         entry.update(parameters=params, train_seconds=statistics.fmean(seconds) if seconds else None)
         time_cell = f"{statistics.fmean(seconds):.0f}" if seconds else "(teacher stage)"
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {params['active']:,} / {params['total']:,} | {time_cell} |")

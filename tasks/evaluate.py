@@ -34,6 +34,7 @@ HEADLINE = [
     ("yes-ratio adv", "tinymod_pope_adversarial", "pope_yes_ratio", None),
     ("CHAIR-i", "tinymod_caption", "chair_i", False),
     ("CHAIR-s", "tinymod_caption", "chair_s", False),
+    ("object recall", "tinymod_caption", "object_recall", True),
 ]
 
 

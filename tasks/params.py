@@ -398,6 +398,8 @@ class GateParams(Section):
     """Champion needs VQA accuracy at least this."""
     chair_i_margin: float = Field(0.0, ge=0.0, le=1.0)
     """Champion needs CHAIR-i <= the teacher's plus this."""
+    object_recall_delta: float = Field(0.1, ge=0.0, le=1.0)
+    """Champion needs caption object recall >= the teacher's minus this (CHAIR alone rewards captions that name nothing)."""
 
 
 class RegisterParams(Section):

@@ -56,6 +56,7 @@ def gate_checks(student: dict, teacher: dict, gate: GateParams) -> list[dict]:
         check("POPE adversarial F1 >= teacher - delta", student["POPE F1 adv"], teacher["POPE F1 adv"] - gate.pope_adversarial_f1_delta, True),
         check("VQA accuracy >= floor", student["VQA acc"], gate.vqa_accuracy_floor, True),
         check("CHAIR-i <= teacher + margin", student["CHAIR-i"], teacher["CHAIR-i"] + gate.chair_i_margin, False),
+        check("object recall >= teacher - delta", student["object recall"], teacher["object recall"] - gate.object_recall_delta, True),
     ]
 
 
@@ -70,7 +71,7 @@ def register(params: Params, paths: StagePaths) -> dict:
     if missing:
         raise RegisterError(f"metrics/eval.json has no scores for {missing}; add them to evaluate.models")
     student, teacher = headline(scores[r.model]), headline(scores["teacher"])
-    needed = {"POPE F1 adv", "VQA acc", "CHAIR-i"}
+    needed = {"POPE F1 adv", "VQA acc", "CHAIR-i", "object recall"}
     if not needed <= set(student) or not needed <= set(teacher):
         raise RegisterError("the gate needs tinymod_pope_adversarial, tinymod_vqa and tinymod_caption in evaluate.tasks")
     checks = gate_checks(student, teacher, r.gate)

@@ -1,0 +1,25 @@
+"""The promotion gate on hand-made scores: each check can fail on its own."""
+
+from tasks.params import GateParams
+from tasks.register import gate_checks
+
+TEACHER = {"POPE F1 adv": 0.60, "VQA acc": 0.70, "CHAIR-i": 0.10, "object recall": 0.90}
+
+
+def failed(student: dict) -> list[str]:
+    return [c["check"] for c in gate_checks(student, TEACHER, GateParams()) if not c["passed"]]
+
+
+def test_a_student_as_good_as_the_teacher_passes():
+    assert failed(TEACHER) == []
+
+
+def test_captions_that_name_nothing_do_not_pass_on_a_perfect_chair():
+    silent = {**TEACHER, "CHAIR-i": 0.0, "object recall": 0.02}
+    assert failed(silent) == ["object recall >= teacher - delta"]
+
+
+def test_each_bound_is_its_own_check():
+    assert failed({**TEACHER, "POPE F1 adv": 0.50}) == ["POPE adversarial F1 >= teacher - delta"]
+    assert failed({**TEACHER, "VQA acc": 0.40}) == ["VQA accuracy >= floor"]
+    assert failed({**TEACHER, "CHAIR-i": 0.15}) == ["CHAIR-i <= teacher + margin"]
