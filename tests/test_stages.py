@@ -85,15 +85,11 @@ def copy_inputs(project: Path, root: Path, *names: str) -> Path:
     return root
 
 
-def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys):
+def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, monkeypatch):
     root = copy_inputs(project, tmp_path / "broken", "data/curated", "models/teacher", "models/student_align")
     (root / "models/student_align/model.safetensors").write_bytes(b"not safetensors")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert mimic_dense.main(["--params", "params.yaml"]) == 1
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(root)
+    assert mimic_dense.main(["--params", "params.yaml"]) == 1
     err = capsys.readouterr().err
     assert "mimic_dense failed" in err and "exited with code" in err and "last lines of" in err
 
@@ -124,14 +120,10 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_weights(project, tmp_p
     assert json.loads((root / "metrics/mimic_dense.json").read_text())["resumed_at"] in (2, 4)
 
 
-def test_params_are_validated_before_any_work(tmp_path, capsys):
+def test_params_are_validated_before_any_work(tmp_path, capsys, monkeypatch):
     write_params(tmp_path, {"mimic_dense": {"steps": 0, "colour": 1}})
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert mimic_dense.main(["--params", "params.yaml"]) == 1
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    assert mimic_dense.main(["--params", "params.yaml"]) == 1
     err = capsys.readouterr().err
     assert "mimic_dense.steps" in err and "mimic_dense.colour" in err
     assert not (tmp_path / ".cache").exists(), "nothing may start before params validate"

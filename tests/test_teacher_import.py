@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -24,16 +23,12 @@ def checkpoint(tiny_llava, tiny_tokenizer, tmp_path):
     return folder
 
 
-def test_a_valid_checkpoint_imports_and_loads(checkpoint, tiny_tokenizer, tmp_path):
+def test_a_valid_checkpoint_imports_and_loads(checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
     root = tmp_path / "project"
     write_params(root, {"teacher": {"source": str(checkpoint)}})
     save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert teacher_stage.main(["--params", "params.yaml"]) == 0
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(root)
+    assert teacher_stage.main(["--params", "params.yaml"]) == 0
     metrics = json.loads((root / "metrics/teacher.json").read_text())
     assert metrics["source"] == str(checkpoint) and metrics["total_parameters"] > 0
     assert (root / "models/teacher/model.safetensors").exists()

@@ -40,29 +40,28 @@ def pope_process_results(doc: dict, results: list[str]) -> dict:
     return {metric: item for metric in POPE_METRICS}
 
 
+def _aggregation(scores, key: str, name: str, absent: float | None = None):
+    """An lmms-eval aggregation (a named module-level function the task YAMLs point at) reading ``key`` of
+    ``scores(items)``; ``absent`` is the score where the key may be missing (elsewhere a missing key is an error)."""
+
+    def aggregate(items: list[dict]) -> float:
+        result = scores(items)
+        return result[key] if absent is None or key in result else absent
+
+    aggregate.__name__ = name
+    return aggregate
+
+
 def _pope(items: list[dict]) -> dict:
     return pope_scores([i["prediction"] for i in items], [i["answer"] for i in items])
 
 
-def pope_accuracy(items: list[dict]) -> float:
-    return _pope(items)["accuracy"]
-
-
-def pope_precision(items: list[dict]) -> float:
-    return _pope(items)["precision"]
-
-
-def pope_recall(items: list[dict]) -> float:
-    return _pope(items)["recall"]
-
-
-def pope_f1(items: list[dict]) -> float:
-    return _pope(items)["f1"]
-
-
-def pope_yes_ratio(items: list[dict]) -> float:
-    """The share of *predicted* yes (POPE paper), not of ground-truth yes as lmms-eval's built-in POPE reports."""
-    return _pope(items)["yes_ratio"]
+pope_accuracy = _aggregation(_pope, "accuracy", "pope_accuracy")
+pope_precision = _aggregation(_pope, "precision", "pope_precision")
+pope_recall = _aggregation(_pope, "recall", "pope_recall")
+pope_f1 = _aggregation(_pope, "f1", "pope_f1")
+# The share of *predicted* yes (POPE paper), not of ground-truth yes as lmms-eval's built-in POPE reports.
+pope_yes_ratio = _aggregation(_pope, "yes_ratio", "pope_yes_ratio")
 
 
 # ---------------------------------------------------------------- VQA
@@ -79,23 +78,13 @@ def _vqa(items: list[dict]) -> dict:
     return vqa_scores([i["prediction"] for i in items], [i["answer"] for i in items], [i["type"] for i in items])
 
 
-def vqa_accuracy(items: list[dict]) -> float:
-    return _vqa(items)["accuracy"]
-
-
-def _vqa_type(qtype: str):
-    def aggregate(items: list[dict]) -> float:
-        return _vqa(items).get(f"accuracy/{qtype}", 0.0)
-
-    aggregate.__name__ = f"vqa_accuracy_{qtype}"
-    return aggregate
-
-
-vqa_accuracy_colour = _vqa_type("colour")
-vqa_accuracy_shape = _vqa_type("shape")
-vqa_accuracy_count = _vqa_type("count")
-vqa_accuracy_existence = _vqa_type("existence")
-vqa_accuracy_position = _vqa_type("position")
+vqa_accuracy = _aggregation(_vqa, "accuracy", "vqa_accuracy")
+# A question type absent from the probes scores 0 rather than failing the whole task.
+vqa_accuracy_colour = _aggregation(_vqa, "accuracy/colour", "vqa_accuracy_colour", absent=0.0)
+vqa_accuracy_shape = _aggregation(_vqa, "accuracy/shape", "vqa_accuracy_shape", absent=0.0)
+vqa_accuracy_count = _aggregation(_vqa, "accuracy/count", "vqa_accuracy_count", absent=0.0)
+vqa_accuracy_existence = _aggregation(_vqa, "accuracy/existence", "vqa_accuracy_existence", absent=0.0)
+vqa_accuracy_position = _aggregation(_vqa, "accuracy/position", "vqa_accuracy_position", absent=0.0)
 
 
 # ---------------------------------------------------------------- captions (CHAIR)
@@ -112,13 +101,6 @@ def _chair(items: list[dict]) -> dict:
     return chair_scores([i["caption"] for i in items], [i["objects"] for i in items], items[0]["vocabulary"] if items else [])
 
 
-def chair_i(items: list[dict]) -> float:
-    return _chair(items)["chair_i"]
-
-
-def chair_s(items: list[dict]) -> float:
-    return _chair(items)["chair_s"]
-
-
-def object_recall(items: list[dict]) -> float:
-    return _chair(items)["recall"]
+chair_i = _aggregation(_chair, "chair_i", "chair_i")
+chair_s = _aggregation(_chair, "chair_s", "chair_s")
+object_recall = _aggregation(_chair, "recall", "object_recall")
