@@ -81,6 +81,13 @@ def batch(student, size: int, seq: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in out.items()}
 
 
+def train_step(objective: Objective, data: dict, optimizer: torch.optim.Optimizer) -> None:
+    loss = objective(data)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -96,18 +103,11 @@ def main() -> None:
         data = batch(student, args.batch, args.seq, device)
         for chunk in (10**9, 256):
             objective = Objective(student, teacher, WEIGHTS, temperature=2.0, dpo=None, chunk_size=chunk)
-
-            def step():
-                loss = objective(data)["loss"]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-
-            step()  # warm-up: optimizer state exists before memory is measured
+            train_step(objective, data, optimizer)  # warm-up: optimizer state exists before memory is measured
             with PeakMemory(device) as memory:
                 started = time.perf_counter()
                 for _ in range(args.steps):
-                    step()
+                    train_step(objective, data, optimizer)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = (time.perf_counter() - started) / args.steps
