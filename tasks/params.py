@@ -359,8 +359,10 @@ class DPOParams(Section):
     """Strength of the implicit KL constraint to the reference."""
     reference: Literal["teacher", "self"] = "teacher"
     """Reference model: the teacher (LLaVA-MoD) or the student's own frozen starting point."""
-    sft_weight: float = Field(0.0, ge=0.0)
-    """Weight of an extra cross-entropy term on the chosen response."""
+    sft_weight: float = Field(1.0, ge=0.0)
+    """Weight of an extra cross-entropy term on the chosen response. Without it DPO can lower the
+    chosen response's likelihood along with the rejected one's (likelihood displacement) and the
+    student stops naming objects at all."""
 
 
 class PreferenceParams(TrainingParams):
@@ -442,7 +444,7 @@ class Params(Section):
     """Stage mimic_dense: dense-to-dense mimic distillation."""
     upcycle: UpcycleParams = UpcycleParams()
     """Stage upcycle: the dense student becomes a sparse Mixture-of-Experts."""
-    mimic_sparse: TrainingParams = TrainingParams(splits=["multitask"], fraction=0.1, steps=300)
+    mimic_sparse: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=300)
     """Stage mimic_sparse: dense-to-sparse mimic distillation."""
     preference: PreferenceParams = PreferenceParams(splits=["preference"], lr=1e-4, steps=100)
     """Stage preference: preference distillation (DPO family) with the teacher as reference."""
