@@ -1,0 +1,48 @@
+"""The ablation's bookkeeping: busy time, and the verdicts it prints for the papers' claims."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from tasks.params import REPO
+
+spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def cell(*per_seed: float) -> dict:
+    mean = sum(per_seed) / len(per_seed)
+    std = (sum((v - mean) ** 2 for v in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(per_seed), "per_seed": list(per_seed)}
+
+
+def test_busy_seconds_counts_overlap_once_and_skips_pauses():
+    runs = [{"started": 0, "finished": 10}, {"started": 5, "finished": 12}, {"started": 100, "finished": 103}]
+    assert ablation.busy_seconds(runs) == 15
+
+
+def test_paired_difference_sees_through_seed_noise():
+    # Seeds move both models together: unpaired the gap is within the spread, paired it wins every seed.
+    ours, theirs = cell(0.45, 0.40, 0.50), cell(0.43, 0.38, 0.48)
+    assert ablation.paired(ours, theirs, "VQA acc") == " (better in 3 of 3 seeds, by +0.020 ± 0.000)"
+    # CHAIR: lower is better, so a higher value loses.
+    assert "better in 0 of 3 seeds, by -0.020" in ablation.paired(ours, theirs, "CHAIR-i")
+    # A single teacher row is compared with every seed.
+    assert "better in 2 of 3 seeds" in ablation.paired(ours, cell(0.42), "VQA acc")
+
+
+def test_claim_verdicts():
+    columns = {c: cell(0.3, 0.3, 0.3) for c, *_ in ablation.COLUMNS}
+    rows = {
+        "teacher": {**columns, "CHAIR-i": cell(0.05), "CHAIR-s": cell(0.1)},
+        "(1) no teacher": {**columns, "VQA acc": cell(0.30, 0.31, 0.29)},
+        "(2) dense KD": {**columns, "VQA acc": cell(0.50, 0.51, 0.49)},
+        "(4) + preference": {**columns, "CHAIR-i": cell(0.20, 0.21, 0.19), "CHAIR-s": cell(0.01, 0.02, 0.03)},
+    }
+    lines = "\n".join(ablation.claims(rows))
+    assert "VQA acc 0.500 vs 0.300: holds" in lines
+    assert "CHAIR-i 0.200 vs 0.050: does not hold" in lines
+    assert "CHAIR-s 0.020 vs 0.100: holds" in lines
+    assert "POPE acc adv 0.300 vs 0.300: within the seeds' spread" in lines
+    assert "MoE" not in lines  # rows (3) and (5) are missing: that claim is left out, not guessed
