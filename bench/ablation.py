@@ -34,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tasks.evaluate import HEADLINE, headline
 from tasks.params import REPO
 from tasks.workspace import dvc_env, make_workspace
 
@@ -56,17 +57,8 @@ VARIANTS = {
     ),
     "llava_kd": ({"recipe": "llava-kd"}, "mimic_sparse", {"moe": "(6) LLaVA-KD recipe (DPT, SFT, DFT)"}),
 }
-COLUMNS = [
-    ("VQA acc", "tinymod_vqa", "vqa_accuracy"),
-    ("POPE F1 rand", "tinymod_pope_random", "pope_f1"),
-    ("POPE F1 pop", "tinymod_pope_popular", "pope_f1"),
-    ("POPE F1 adv", "tinymod_pope_adversarial", "pope_f1"),
-    ("POPE acc adv", "tinymod_pope_adversarial", "pope_accuracy"),
-    ("yes-ratio adv", "tinymod_pope_adversarial", "pope_yes_ratio"),
-    ("CHAIR-i", "tinymod_caption", "chair_i"),
-    ("CHAIR-s", "tinymod_caption", "chair_s"),
-    ("object recall", "tinymod_caption", "object_recall"),
-]
+# Higher is better (True), lower (False) or neither (None), per headline figure.
+HIGHER = {label: up for label, _, _, up in HEADLINE}
 STAGE_METRICS = ("align", "mimic_dense", "mimic_sparse", "preference")
 # A model's training time is that of the stages up to the one that writes it.
 TRAINED_BY = {"dense": "mimic_dense", "moe": "mimic_sparse", "pref": "preference"}
@@ -122,8 +114,8 @@ def table(results: dict) -> tuple[list[str], dict]:
             continue
         entry = {}
         cells = []
-        for column, task, metric in COLUMNS:
-            values = [s["tasks"][task][metric] for s in per_seed if task in s["tasks"]]
+        for column in HIGHER:
+            values = [figures[column] for figures in map(headline, per_seed) if column in figures]
             mean = statistics.fmean(values)
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[column] = {"mean": mean, "std": std, "n": len(values), "per_seed": values}
@@ -158,7 +150,7 @@ def claims(data: dict) -> list[str]:
         lines.append(f"- **{claim}** ({subject} vs {baseline}):")
         for column in columns:
             ours, theirs = rows[subject][column], rows[baseline][column]
-            better = ours["mean"] - theirs["mean"] if not column.startswith("CHAIR") else theirs["mean"] - ours["mean"]
+            better = (ours["mean"] - theirs["mean"]) * (1 if HIGHER[column] else -1)
             spread = (ours["std"] ** 2 + theirs["std"] ** 2) ** 0.5
             verdict = "holds" if better > spread else "does not hold" if better < -spread else "within the seeds' spread"
             lines.append(f"  - {column} {ours['mean']:.3f} vs {theirs['mean']:.3f}: {verdict}{paired(ours, theirs, column)}")
@@ -174,7 +166,7 @@ def paired(ours: dict, theirs: dict, column: str) -> str:
     if len(ours["per_seed"]) < 2 or len(theirs["per_seed"]) not in (1, len(ours["per_seed"])):
         return ""
     baseline = theirs["per_seed"] * len(ours["per_seed"]) if len(theirs["per_seed"]) == 1 else theirs["per_seed"]
-    sign = -1 if column.startswith("CHAIR") else 1
+    sign = 1 if HIGHER[column] else -1
     gains = [sign * (a - b) for a, b in zip(ours["per_seed"], baseline, strict=True)]
     wins = sum(g > 0 for g in gains)
     return f" (better in {wins} of {len(gains)} seeds, by {statistics.fmean(gains):+.3f} ± {statistics.stdev(gains):.3f})"
@@ -195,7 +187,7 @@ def plot(data: dict, out: Path) -> None:
         ax.barh(range(len(labels)), means, xerr=stds, color=["grey"] + ["C0"] * (len(labels) - 1))
         ax.set_yticks(range(len(labels)), [label.split(")")[0] + ")" if ")" in label else label for label in labels], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(column + (" (lower is better)" if column.startswith("CHAIR") else ""), fontsize=9)
+        ax.set_title(column + (" (lower is better)" if HIGHER[column] is False else ""), fontsize=9)
     fig.suptitle("Ablation on the embedded world (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -222,7 +214,7 @@ def main() -> None:
                 results["teacher"] = [result]
     rows, data = table(results)
     minutes = busy_seconds([r for name in args.variants for r in results[name]]) / 60
-    header = ["| model | " + " | ".join(c for c, *_ in COLUMNS) + " | active / total params | train s |", "|---|" + "---:|" * (len(COLUMNS) + 2)]
+    header = ["| model | " + " | ".join(HIGHER) + " | active / total params | train s |", "|---|" + "---:|" * (len(HIGHER) + 2)]
     report = [
         "# Ablation on the embedded world",
         "",

@@ -31,6 +31,8 @@ HEADLINE = [
     ("POPE F1 rand", "tinymod_pope_random", "pope_f1", True),
     ("POPE F1 pop", "tinymod_pope_popular", "pope_f1", True),
     ("POPE F1 adv", "tinymod_pope_adversarial", "pope_f1", True),
+    # F1 rewards a yes-bias; accuracy says whether the model looks at all (0.5 is chance).
+    ("POPE acc adv", "tinymod_pope_adversarial", "pope_accuracy", True),
     ("yes-ratio adv", "tinymod_pope_adversarial", "pope_yes_ratio", None),
     ("CHAIR-i", "tinymod_caption", "chair_i", False),
     ("CHAIR-s", "tinymod_caption", "chair_s", False),
