@@ -245,7 +245,14 @@ def plural(shape: str) -> str:
 
 
 def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldSpec, n: int) -> list[tuple[str, str, str]]:
-    """Up to ``n`` distinct (question_type, question, answer) about ``objects``, mixing every question type."""
+    """Up to ``n`` distinct (question_type, question, answer) about ``objects``, mixing every question type.
+
+    As turns of one conversation, no answer can be read off the turns before it: each question is
+    about a shape that no earlier question or answer named. Without that rule a text shortcut
+    answered most existence and count questions ("named before" -> yes / one, else no / zero) and a
+    teacher trained on it never looked at the image to answer them (measured: existence at chance,
+    yes-ratio 0.01 on first-turn questions).
+    """
     by_shape: dict[str, list[WorldObject]] = {}
     by_colour: dict[str, list[WorldObject]] = {}
     for o in objects:
@@ -253,20 +260,21 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
         by_colour.setdefault(o.colour, []).append(o)
     present = sorted(by_shape)
     absent = [s for s in spec.shapes if s not in by_shape]
-    candidates: dict[str, list[tuple[str, str]]] = {t: [] for t in VQA_TYPES}
+    # (question, answer, the shape a reader learns about from this turn)
+    candidates: dict[str, list[tuple[str, str, str]]] = {t: [] for t in VQA_TYPES}
     for shape, objs in by_shape.items():
         if len(objs) == 1:
-            candidates["colour"].append((f"What colour is the {shape}?", objs[0].colour))
-            candidates["position"].append((f"Where is the {shape}?", objs[0].position))
+            candidates["colour"].append((f"What colour is the {shape}?", objs[0].colour, shape))
+            candidates["position"].append((f"Where is the {shape}?", objs[0].position, shape))
     for colour, objs in by_colour.items():
         if len(objs) == 1:
-            candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape))
+            candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape, objs[0].shape))
     for shape in spec.shapes:
-        candidates["count"].append((f"How many {plural(shape)} are there?", COUNT_WORDS[len(by_shape.get(shape, []))]))
+        candidates["count"].append((f"How many {plural(shape)} are there?", COUNT_WORDS[len(by_shape.get(shape, []))], shape))
     for shape in present:
-        candidates["existence"].append((f"Is there a {shape} in the image?", "yes"))
+        candidates["existence"].append((f"Is there a {shape} in the image?", "yes", shape))
     for shape in absent:
-        candidates["existence"].append((f"Is there a {shape} in the image?", "no"))
+        candidates["existence"].append((f"Is there a {shape} in the image?", "no", shape))
     # Balance yes and no so that neither answer is a free prior.
     yes = [c for c in candidates["existence"] if c[1] == "yes"]
     no = [c for c in candidates["existence"] if c[1] == "no"]
@@ -277,13 +285,32 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
     zeros = [c for c in candidates["count"] if c[1] == "zero"]
     candidates["count"] = counts + rng.sample(zeros, min(1, len(zeros)))
     out: list[tuple[str, str, str]] = []
-    types = [t for t in VQA_TYPES if candidates[t]]
+    named: set[str] = set()
+    types = [t for t in VQA_TYPES if candidates[t] and t != "existence"]
     rng.shuffle(types)
-    while len(out) < n and any(candidates[t] for t in types):
+    # Existence is picked first in each round, while present shapes are still unnamed; the turns
+    # are shuffled at the end, so the picking order never shows in the conversation.
+    types = ["existence", *types]
+    while len(out) < n:
+        asked = len(out)
         for qtype in types:
-            if candidates[qtype] and len(out) < n:
-                question, answer = candidates[qtype].pop(rng.randrange(len(candidates[qtype])))
+            fresh = [c for c in candidates[qtype] if c[2] not in named]
+            if qtype == "existence":
+                # Existence comes in yes/no pairs, each claiming its shape before the other types
+                # name it: yes and no stay exactly balanced, whatever the other questions use up.
+                picks = [[c for c in fresh if c[1] == answer] for answer in ("yes", "no")]
+                chosen = [p[rng.randrange(len(p))] for p in picks if p] if all(picks) and len(out) + 2 <= n else []
+            else:
+                chosen = [fresh[rng.randrange(len(fresh))]] if fresh and len(out) < n else []
+            for question, answer, shape in chosen:
+                candidates[qtype].remove((question, answer, shape))
+                named.add(shape)
                 out.append((qtype, question, answer))
+        if len(out) == asked:
+            break
+    # Subjects are distinct, so any order keeps answers unreadable from earlier turns; a shuffled
+    # order keeps the turn position from predicting the question type.
+    rng.shuffle(out)
     return out
 
 
@@ -467,6 +494,8 @@ def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_im
                 "conversations": [_human(CAPTION_PROMPT_FOR_EVAL, True), _gpt(caption(scene.objects))],
                 "objects": present,
                 "vocabulary": list(spec.shapes),  # CHAIR counts mentions of these words
+                # What the co-occurrence prior pulls in: partners of present anchors that are absent.
+                "absent_partners": sorted({p.partner for p in spec.pairings if p.anchor in scene.shapes} - scene.shapes),
             }
         )
     return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)

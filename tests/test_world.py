@@ -112,3 +112,20 @@ def test_vqa_covers_every_question_type():
         scene = W.sample_scene(rng, SPEC, noisy=False)
         types.update(t for t, _, _ in W.vqa_pairs(rng, scene.objects, SPEC, 5))
     assert set(types) == set(W.VQA_TYPES)
+
+
+def test_no_answer_can_be_read_off_earlier_turns():
+    # The shortcut that kept the teacher from looking: "named before -> yes / one, else no / zero".
+    records = W.generate_world(SPEC, COUNTS, seed=3, qa_per_image=5, pope_per_image=3).splits["multitask"]
+    answers = Counter()
+    for record in records:
+        named: set[str] = set()
+        turns = record["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            text = f"{question['value']} {answer['value']}"
+            subject = set(W.object_mentions(text, SPEC.shapes))
+            assert not subject & named, f"{record['id']}: {question['value']!r} is about a shape an earlier turn named"
+            named |= subject
+            if question["value"].removeprefix("<image>\n").startswith("Is there"):
+                answers[answer["value"]] += 1
+    assert answers["yes"] == answers["no"] > 100, f"existence answers must be balanced: {answers}"
