@@ -108,6 +108,8 @@ def score_probes(
         scores[f"pope_{split}"] = pope_scores(predictions, [r["answer"] for r in records])
     captions = load("caption")
     predictions = answer_records(answerer, captions, image_root, max_new_tokens=64, batch_size=batch_size)
-    scores["caption"] = chair_scores(predictions, [r["objects"] for r in captions], vocabulary)
+    scores["caption"] = chair_scores(
+        predictions, [r["objects"] for r in captions], vocabulary, [r.get("absent_partners", []) for r in captions]
+    )
     scores["decode_tokens_per_second"] = round(answerer.tokens_per_second, 1)
     return scores

@@ -22,25 +22,31 @@ def normalise(text: str) -> str:
 
 
 def parse_yes_no(text: str) -> str | None:
-    """'Yes.', 'no,', 'Yes, there is' -> 'yes' / 'no'; None when the answer says neither first."""
-    words = re.findall(r"[a-z]+", text.lower())
-    for word in words[:3]:
-        if word in ("yes", "no"):
-            return word
+    """'Yes.', 'no,', 'Yes, there is' -> 'yes' / 'no'; None when the first sentence says neither."""
+    words = re.findall(r"[a-z]+", first_sentence(text).lower())
+    if "no" in words or "not" in words:
+        return "no"
+    if "yes" in words:
+        return "yes"
     return None
+
+
+def first_sentence(text: str) -> str:
+    return text.split(".", 1)[0]
 
 
 def pope_scores(predictions: Iterable[str], answers: Iterable[str]) -> dict[str, float]:
     """Accuracy, precision, recall and F1 of 'yes' as the positive class, and the *predicted* yes-ratio.
 
-    As in the POPE paper (Li et al. 2023), an answer that is not a yes counts as no; ``unparsed``
-    says how many said neither.
+    Parsed as LLaVA's ``eval_pope.py`` does (the convention POPE numbers in the LLaVA papers use):
+    a "no" or "not" in the first sentence means no, anything else means yes. ``unparsed`` counts
+    the answers that said neither yes nor no, and so were read as yes.
     """
     tp = fp = tn = fn = unparsed = 0
     for prediction, answer in zip(predictions, answers, strict=True):
         said = parse_yes_no(prediction)
         unparsed += said is None
-        yes = said == "yes"
+        yes = said != "no"
         if answer == "yes":
             tp += yes
             fn += not yes
@@ -76,15 +82,22 @@ def vqa_scores(predictions: Iterable[str], answers: Iterable[str], question_type
     return out
 
 
-def chair_scores(captions: Iterable[str], truths: Iterable[list[str]], vocabulary: list[str]) -> dict[str, float]:
+def chair_scores(
+    captions: Iterable[str], truths: Iterable[list[str]], vocabulary: list[str], absent_partners: Iterable[list[str]] | None = None
+) -> dict[str, float]:
     """CHAIR (Rohrbach et al. 2018) over the world's object vocabulary.
 
     ``CHAIR-i = |hallucinated objects| / |mentioned objects|`` and
     ``CHAIR-s = |captions with a hallucinated object| / |captions|``, objects counted once per
-    caption; ``recall`` is the share of ground-truth objects the captions mention.
+    caption; ``recall`` is the share of ground-truth objects the captions mention. With
+    ``absent_partners`` (per caption, the absent partners of its present anchors),
+    ``partner_hallucination`` is the share of captions that have one and name it: the
+    co-occurrence hallucination alone, as POPE's adversarial split probes it.
     """
-    mentioned = hallucinated = bad_captions = captions_n = truth_n = covered = 0
-    for caption, truth in zip(captions, truths, strict=True):
+    captions, truths = list(captions), list(truths)
+    partners = list(absent_partners) if absent_partners is not None else [[] for _ in captions]
+    mentioned = hallucinated = bad_captions = captions_n = truth_n = covered = exposed = named_partner = 0
+    for caption, truth, absent in zip(captions, truths, partners, strict=True):
         objects = set(object_mentions(caption, vocabulary))
         wrong = objects - set(truth)
         mentioned += len(objects)
@@ -93,9 +106,15 @@ def chair_scores(captions: Iterable[str], truths: Iterable[list[str]], vocabular
         captions_n += 1
         truth_n += len(set(truth))
         covered += len(objects & set(truth))
-    return {
+        exposed += bool(absent)
+        named_partner += bool(objects & set(absent))
+    scores = {
         "chair_i": hallucinated / mentioned if mentioned else 0.0,
         "chair_s": bad_captions / captions_n if captions_n else 0.0,
         "recall": covered / truth_n if truth_n else 0.0,
         "n": captions_n,
     }
+    if absent_partners is not None:
+        scores["partner_hallucination"] = named_partner / exposed if exposed else 0.0
+        scores["partner_exposed"] = exposed
+    return scores

@@ -32,12 +32,16 @@ HEADLINE = [
     ("POPE F1 pop", "tinymod_pope_popular", "pope_f1", True),
     ("POPE F1 adv", "tinymod_pope_adversarial", "pope_f1", True),
     # F1 rewards a yes-bias; accuracy says whether the model looks at all (0.5 is chance).
+    ("POPE acc rand", "tinymod_pope_random", "pope_accuracy", True),
     ("POPE acc adv", "tinymod_pope_adversarial", "pope_accuracy", True),
     ("yes-ratio adv", "tinymod_pope_adversarial", "pope_yes_ratio", None),
     ("CHAIR-i", "tinymod_caption", "chair_i", False),
     ("CHAIR-s", "tinymod_caption", "chair_s", False),
     ("object recall", "tinymod_caption", "object_recall", True),
+    # Captions of images with an anchor but not its partner that name the partner anyway.
+    ("partner halluc.", "tinymod_caption", "partner_hallucination", False),
 ]
+POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 class EvaluationError(StageFailure):
@@ -136,8 +140,11 @@ def write_report(metrics: dict, paths: StagePaths) -> Path:
         f"lmms-eval on {', '.join(metrics['tasks'])}" + (f" (at most {metrics['limit']} documents per task)." if metrics["limit"] else "."),
         "Deltas are to the teacher; arrows say which way is better.",
         "",
-        "| model | " + " | ".join(labels) + " | active / total params | decode tok/s |",
-        "|---|" + "---:|" * len(labels) + "---:|---:|",
+        "POPE answers that said neither yes nor no count as yes (LLaVA's eval_pope.py); the unparsed column",
+        "gives how many there were on the random / popular / adversarial splits.",
+        "",
+        "| model | " + " | ".join(labels) + " | POPE unparsed | active / total params | decode tok/s |",
+        "|---|" + "---:|" * len(labels) + "---:|---:|---:|",
     ]
     better = {label: up for label, _, _, up in HEADLINE}
     for name, scores in models.items():
@@ -155,12 +162,20 @@ def write_report(metrics: dict, paths: StagePaths) -> Path:
                 cell += f" ({delta:+.3f}{arrow})"
             cells.append(cell)
         p = scores["parameters"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {p['active']:,} / {p['total']:,} | {scores['decode_tokens_per_second']:.0f} |")
+        unparsed = " / ".join(_unparsed(scores, split) for split in POPE_SPLITS)
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {unparsed} | {p['active']:,} / {p['total']:,} | {scores['decode_tokens_per_second']:.0f} |"
+        )
     lines += ["", "![headline metrics](plots/eval_metrics.png)", "", "![POPE F1 per split](plots/eval_pope.png)", ""]
     out = paths.reports / "eval.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def _unparsed(scores: dict, split: str) -> str:
+    value = scores["tasks"].get(f"tinymod_pope_{split}", {}).get("pope_unparsed")
+    return "-" if value is None else f"{value:.0f}"
 
 
 def write_plots(metrics: dict, paths: StagePaths) -> list[Path]:
@@ -189,7 +204,7 @@ def write_plots(metrics: dict, paths: StagePaths) -> list[Path]:
     plt.close(fig)
     out.append(paths.plots / "eval_metrics.png")
 
-    splits = [s for s in ("random", "popular", "adversarial") if any(f"tinymod_pope_{s}" in models[n]["tasks"] for n in names)]
+    splits = [s for s in POPE_SPLITS if any(f"tinymod_pope_{s}" in models[n]["tasks"] for n in names)]
     if splits:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         for name in names:

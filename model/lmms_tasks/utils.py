@@ -32,7 +32,7 @@ def doc_to_target(doc: dict) -> str:
 
 # ---------------------------------------------------------------- POPE
 
-POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")
+POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio", "pope_unparsed")
 
 
 def pope_process_results(doc: dict, results: list[str]) -> dict:
@@ -62,6 +62,8 @@ pope_recall = _aggregation(_pope, "recall", "pope_recall")
 pope_f1 = _aggregation(_pope, "f1", "pope_f1")
 # The share of *predicted* yes (POPE paper), not of ground-truth yes as lmms-eval's built-in POPE reports.
 pope_yes_ratio = _aggregation(_pope, "yes_ratio", "pope_yes_ratio")
+# Answers that said neither yes nor no (read as yes, as LLaVA's eval_pope.py does): a count, not a rate.
+pope_unparsed = _aggregation(_pope, "unparsed", "pope_unparsed")
 
 
 # ---------------------------------------------------------------- VQA
@@ -89,18 +91,21 @@ vqa_accuracy_position = _aggregation(_vqa, "accuracy/position", "vqa_accuracy_po
 
 # ---------------------------------------------------------------- captions (CHAIR)
 
-CAPTION_METRICS = ("chair_i", "chair_s", "object_recall")
+CAPTION_METRICS = ("chair_i", "chair_s", "object_recall", "partner_hallucination")
 
 
 def caption_process_results(doc: dict, results: list[str]) -> dict:
-    item = {"caption": results[0], "objects": doc["objects"], "vocabulary": doc["vocabulary"]}
+    item = {"caption": results[0], "objects": doc["objects"], "vocabulary": doc["vocabulary"], "absent_partners": doc.get("absent_partners", [])}
     return {metric: item for metric in CAPTION_METRICS}
 
 
 def _chair(items: list[dict]) -> dict:
-    return chair_scores([i["caption"] for i in items], [i["objects"] for i in items], items[0]["vocabulary"] if items else [])
+    return chair_scores(
+        [i["caption"] for i in items], [i["objects"] for i in items], items[0]["vocabulary"] if items else [], [i["absent_partners"] for i in items]
+    )
 
 
 chair_i = _aggregation(_chair, "chair_i", "chair_i")
 chair_s = _aggregation(_chair, "chair_s", "chair_s")
 object_recall = _aggregation(_chair, "recall", "object_recall")
+partner_hallucination = _aggregation(_chair, "partner_hallucination", "partner_hallucination")
