@@ -24,7 +24,14 @@ from tasks.common import StageFailure, StagePaths, run_stage, write_json
 from tasks.params import REPO, Params
 
 TASKS_DIR = REPO / "model" / "lmms_tasks"
-CHECKPOINTS = {"teacher": "teacher", "align": "student_align", "dense": "student_dense", "moe": "student_moe", "pref": "student_pref"}
+CHECKPOINTS = {
+    "teacher": "teacher",
+    "align": "student_align",
+    "baseline": "student_baseline",
+    "dense": "student_dense",
+    "moe": "student_moe",
+    "pref": "student_pref",
+}
 # The figures a reviewer compares first: (label, task, metric, higher is better).
 HEADLINE = [
     ("VQA acc", "tinymod_vqa", "vqa_accuracy", True),
@@ -166,11 +173,41 @@ def write_report(metrics: dict, paths: StagePaths) -> Path:
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {unparsed} | {p['active']:,} / {p['total']:,} | {scores['decode_tokens_per_second']:.0f} |"
         )
+    lines += _versus_baseline(models, labels, better)
     lines += ["", "![headline metrics](plots/eval_metrics.png)", "", "![POPE F1 per split](plots/eval_pope.png)", ""]
     out = paths.reports / "eval.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def _versus_baseline(models: dict, labels: list[str], better: dict) -> list[str]:
+    """What the teacher added: each distilled student minus the same student trained without one (one run, one seed)."""
+    if "baseline" not in models:
+        return []
+    base = headline(models["baseline"])
+    lines = [
+        "",
+        "## Distillation vs no teacher",
+        "",
+        "Each student minus `baseline` (the mimic_dense student trained on the same data without a teacher);",
+        "arrows say which way is better. One seed: `python bench/ablation.py` repeats it over seeds.",
+        "",
+        "| model | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for name in (n for n in models if n not in ("teacher", "align", "baseline")):
+        figures = headline(models[name])
+        cells = []
+        for label in labels:
+            if label not in figures or label not in base:
+                cells.append("")
+                continue
+            delta = figures[label] - base[label]
+            arrow = "" if better[label] is None or not delta else (" ↑" if (delta > 0) == better[label] else " ↓")
+            cells.append(f"{delta:+.3f}{arrow}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _unparsed(scores: dict, split: str) -> str:

@@ -87,14 +87,15 @@ def test_registering_the_same_checkpoint_again_adds_no_version(project):
 
 def test_evaluation_outputs(project):
     scores = json.loads((project / "metrics/eval.json").read_text())
-    assert set(scores["models"]) == {"teacher", "align", "dense", "moe", "pref"}
+    assert set(scores["models"]) == {"teacher", "align", "baseline", "dense", "moe", "pref"}
     pref = scores["models"]["pref"]
-    assert {"pope_f1", "pope_yes_ratio", "pope_accuracy"} <= set(pref["tasks"]["tinymod_pope_adversarial"])
+    assert {"pope_f1", "pope_yes_ratio", "pope_accuracy", "pope_unparsed"} <= set(pref["tasks"]["tinymod_pope_adversarial"])
     assert {"vqa_accuracy", "vqa_accuracy_count"} <= set(pref["tasks"]["tinymod_vqa"])
-    assert {"chair_i", "chair_s"} <= set(pref["tasks"]["tinymod_caption"])
+    assert {"chair_i", "chair_s", "partner_hallucination"} <= set(pref["tasks"]["tinymod_caption"])
     assert pref["parameters"]["active"] < pref["parameters"]["total"] and pref["decode_tokens_per_second"] > 0
     report = (project / "reports/eval.md").read_text()
     assert "| pref |" in report and ("(+" in report or "(-" in report)
+    assert "## Distillation vs no teacher" in report and "POPE unparsed" in report
     assert (project / "reports/plots/eval_metrics.png").exists() and (project / "reports/plots/eval_pope.png").exists()
 
 
