@@ -35,14 +35,23 @@ def test_paired_difference_sees_through_seed_noise():
 def test_claim_verdicts():
     columns = {c: cell(0.3, 0.3, 0.3) for c in ablation.HIGHER}
     rows = {
-        "teacher": {**columns, "CHAIR-i": cell(0.05), "CHAIR-s": cell(0.1)},
+        "teacher": {**columns, "CHAIR-i": cell(0.05), "partner halluc.": cell(0.6)},
         "(1) no teacher": {**columns, "VQA acc": cell(0.30, 0.31, 0.29)},
         "(2) dense KD": {**columns, "VQA acc": cell(0.50, 0.51, 0.49)},
-        "(4) + preference": {**columns, "CHAIR-i": cell(0.20, 0.21, 0.19), "CHAIR-s": cell(0.01, 0.02, 0.03)},
+        "(3) MoE KD": {**columns, "VQA acc": cell(0.50, 0.51, 0.49), "object recall": cell(0.90, 0.91, 0.89)},
+        "(4) + preference": {
+            **columns,
+            "CHAIR-i": cell(0.20, 0.21, 0.19),
+            "partner halluc.": cell(0.10, 0.12, 0.11),
+            "VQA acc": cell(0.495, 0.515, 0.48),  # a little lower, inside the spread: no loss
+            "object recall": cell(0.70, 0.71, 0.69),  # lower beyond the spread: a loss
+        },
     }
     lines = "\n".join(ablation.claims(rows))
     assert "VQA acc 0.500 vs 0.300: holds" in lines
     assert "CHAIR-i 0.200 vs 0.050: does not hold" in lines
-    assert "CHAIR-s 0.020 vs 0.100: holds" in lines
+    assert "partner halluc. 0.110 vs 0.600: holds" in lines
     assert "POPE acc adv 0.300 vs 0.300: within the seeds' spread" in lines
-    assert "MoE" not in lines  # rows (3) and (5) are missing: that claim is left out, not guessed
+    assert "VQA acc 0.497 vs 0.500: no loss" in lines
+    assert "object recall 0.700 vs 0.900: a loss beyond the seeds' spread" in lines
+    assert "(b)" not in lines and "(d)" not in lines  # rows (5), (6), (7) are missing: those claims are left out, not guessed
