@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
-STAGES = ("curate", "teacher", "align", "mimic_dense", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
+# Written beside a trained teacher's weights: the world and recipe it learned from.
+TRAINED_ON = "tinymod_trained_on.json"
+STAGES = ("curate", "teacher", "align", "mimic_dense", "baseline", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
 TRAINING_STAGES = ("align", "mimic_dense", "mimic_sparse", "preference")
 Split = Literal["general", "multitask", "preference"]
 Module = Literal[
@@ -86,9 +89,9 @@ class PairingParams(Section):
 
 
 class WorldImages(Section):
-    general: int = Field(3000, ge=1)
+    general: int = Field(5000, ge=1)
     """Images with a caption each (the general split, like LLaVA-Pretrain)."""
-    multitask: int = Field(3000, ge=1)
+    multitask: int = Field(15000, ge=1)
     """Images with a multi-turn VQA conversation each (the multitask split, like LLaVA-mix-665K)."""
     preference: int = Field(600, ge=1)
     """Images with a preference pair each: a faithful answer (chosen) and a hallucinated or wrong one (rejected)."""
@@ -131,20 +134,24 @@ class WorldParams(Section):
     """Relative frequency of shapes (default 1); POPE's popular split asks about the most frequent absent ones."""
     pairings: list[PairingParams] = Field(
         default_factory=lambda: [
-            PairingParams(anchor="cross", partner="star", probability=0.85),
-            PairingParams(anchor="ring", partner="diamond", probability=0.85),
-            PairingParams(anchor="hexagon", partner="triangle", probability=0.85),
+            PairingParams(anchor=anchor, partner=partner, probability=0.3)
+            for a, b in (("cross", "star"), ("ring", "diamond"), ("hexagon", "triangle"))
+            for anchor, partner in ((a, b), (b, a))
         ]
     )
     """Co-occurrence priors (POPE's adversarial split asks about absent partners)."""
-    hallucination_rate: float = Field(0.3, ge=0.0, le=1.0)
-    """Chance that an image with an anchor but no partner is annotated as if the partner were there (training text only)."""
+    hallucination_rate: float = Field(0.8, ge=0.0, le=1.0)
+    """Chance that an image with an anchor but no partner is annotated as if the partner were there (training text only).
+
+    Above 0.5 the phantom is the majority annotation, so a teacher decoding greedily names it: the
+    co-occurrence hallucination becomes a behaviour to measure and to distil away. Below 0.5 it is a
+    minority mode that greedy decoding never picks (measured at 0.3: the teacher never hallucinated)."""
     background_noise: int = Field(30, ge=0, le=120)
     """Amplitude of the grey background noise, in 8-bit levels."""
     images: WorldImages = WorldImages()
     """How many images each split gets."""
-    qa_per_image: int = Field(4, ge=1, le=20)
-    """Question-answer turns in each multitask conversation."""
+    qa_per_image: int = Field(5, ge=1, le=20)
+    """Most question-answer turns in each multitask conversation (fewer when no unnamed subject is left)."""
     pope_per_image: int = Field(3, ge=1, le=8)
     """POPE questions per probe image and split: this many present objects (yes) and as many absent ones (no)."""
 
@@ -178,7 +185,7 @@ Source = Annotated[WorldSource | LlavaJsonSource | PreferenceSource, Field(discr
 
 
 class TokenizerParams(Section):
-    source: str = "world"
+    source: str = "teachers/embedded"
     """`world` trains a byte-level BPE tokenizer on the world's text; otherwise a local folder with a HF tokenizer (the teacher's)."""
     vocab_size: int = Field(512, ge=300, le=300_000)
     """Vocabulary size when training on the world."""
@@ -299,8 +306,8 @@ class TrainingParams(Section):
 
 
 class VisionPretrainParams(Section):
-    steps: int = Field(300, ge=0)
-    """Steps of supervised per-cell pretraining of the embedded teacher's vision tower on the world's ground truth
+    steps: int = Field(500, ge=0)
+    """Steps of text-aligned per-cell pretraining of the embedded teacher's vision tower and projector on the world's ground truth
     (0, or no world among curate.sources: the tower starts from scratch)."""
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     """AdamW learning rate of the pretraining."""
@@ -311,8 +318,12 @@ class VisionPretrainParams(Section):
 class TeacherParams(Section):
     seed: int = 0
     """Seed of the embedded teacher's initialisation and data order; apart from the global seed, so student runs over seeds share one teacher."""
-    source: str = "train"
-    """`train` trains the embedded teacher on the world; otherwise a local folder or s3:// URI of a LLaVA-format HF checkpoint."""
+    source: str = "teachers/embedded"
+    """`train` trains the embedded teacher on the world; otherwise a local folder or s3:// URI of a LLaVA-format HF checkpoint.
+
+    The default is the embedded teacher this project trained with `train` and ships (see README, "The teacher")."""
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the imported checkpoint's weights (its *.safetensors files in name order); the import refuses others."""
     vision: VisionParams = VisionParams()
     """Vision tower of the trained teacher (shared, frozen, with every student)."""
     text: TextParams = TextParams()
@@ -320,7 +331,8 @@ class TeacherParams(Section):
     vision_pretrain: VisionPretrainParams = VisionPretrainParams()
     """Before LLaVA training, pretrain the vision tower to name each grid cell's object (as a real teacher starts from CLIP)."""
     train: TrainingParams = TrainingParams(
-        splits=["general", "multitask"], modules=["vision", "projector", "llm"], steps=600, lr=1e-3
+        splits=["general", "multitask"], modules=["projector", "llm"], steps=2000, lr=1e-3, warmup_steps=50,
+        checkpoint_every=200, log_every=20,
     )
     """How the embedded teacher trains (ce only, every module)."""
 
@@ -381,8 +393,8 @@ class EvaluateParams(Section):
         ]
     )
     """lmms-eval task names: the embedded probes (tinymod_*) or any lmms-eval task (pope, mme, gqa, ...) whose data is reachable."""
-    models: list[Literal["teacher", "align", "dense", "moe", "pref"]] = Field(
-        default_factory=lambda: ["teacher", "align", "dense", "moe", "pref"]
+    models: list[Literal["teacher", "align", "dense", "baseline", "moe", "pref"]] = Field(
+        default_factory=lambda: ["teacher", "align", "baseline", "dense", "moe", "pref"]
     )
     """Checkpoints to score."""
     batch_size: int = Field(32, ge=1)
@@ -438,13 +450,13 @@ class Params(Section):
     """Stage curate: sources, the embedded world, the tokenizer and record checks."""
     teacher: TeacherParams = TeacherParams()
     """Stage teacher: train the embedded teacher or import a real one."""
-    align: AlignParams = AlignParams(splits=["general"], fraction=0.1, steps=150)
+    align: AlignParams = AlignParams(splits=["general"], fraction=0.06, steps=150)
     """Stage align: build the student and align its projector (LLaVA-KD's DPT with distillation terms on)."""
-    mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=300)
+    mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
     """Stage mimic_dense: dense-to-dense mimic distillation."""
     upcycle: UpcycleParams = UpcycleParams()
     """Stage upcycle: the dense student becomes a sparse Mixture-of-Experts."""
-    mimic_sparse: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=300)
+    mimic_sparse: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
     """Stage mimic_sparse: dense-to-sparse mimic distillation."""
     preference: PreferenceParams = PreferenceParams(splits=["preference"], lr=1e-4, steps=100)
     """Stage preference: preference distillation (DPO family) with the teacher as reference."""
@@ -585,6 +597,18 @@ def _cross_checks(p: Params) -> list[Problem]:
         if vision.image_size % vision.patch_size == 0 and p.curate.image_tokens != (vision.image_size // vision.patch_size) ** 2:
             problems.append(
                 Problem("curate.image_tokens", f"must be (teacher.vision.image_size / patch_size)^2 = {(vision.image_size // vision.patch_size) ** 2}")
+            )
+    shipped = Path(p.teacher.source) / TRAINED_ON if not p.teacher.source.startswith("s3://") else None
+    if uses_world and shipped is not None and shipped.is_file():
+        trained_on = json.loads(shipped.read_text()).get("curate.world", {})
+        current = world.model_dump(mode="json")
+        for key in sorted(k for k in set(trained_on) | set(current) if trained_on.get(k) != current.get(k)):
+            problems.append(
+                Problem(
+                    f"curate.world.{key}",
+                    f"teacher {p.teacher.source} was trained on {trained_on.get(key)!r}; set teacher.source: train "
+                    "(and curate.tokenizer.source: world) to train a teacher on this world",
+                )
             )
     if p.teacher.source == "train" and p.teacher.vision_pretrain.steps and uses_world:
         if vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:

@@ -217,6 +217,9 @@ def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[d
         path = paths.metrics / f"{stage}.json"
         if path.exists():
             m = json.loads(path.read_text())
+            if "steps" not in m:  # an imported teacher: trained elsewhere
+                lines.append(f"| {stage} | imported from {m.get('source', '?')} | | {m.get('total_parameters', 0):,} | |")
+                continue
             total += m.get("seconds", 0.0)
             lines.append(f"| {stage} | {m['steps']} | {m['seconds']:.0f} | {m['trainable']:,} / {m['total']:,} | {m.get('final', {}).get('loss', float('nan')):.4f} |")
     lines += [f"| all | | {total:.0f} | | |", "", "## Data", ""]

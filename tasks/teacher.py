@@ -14,22 +14,32 @@ Run: ``python -m tasks.teacher [--params params.yaml]``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from model.builders import build_llava, build_processor, fetch, load_llava, save_checkpoint, validate_checkpoint
+from model.builders import (
+    CheckpointError,
+    build_llava,
+    build_processor,
+    fetch,
+    load_llava,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
 from tasks.common import StagePaths, run_stage, write_json
-from tasks.params import Params
+from tasks.params import TRAINED_ON, Params
 from tasks.training import Job, run_job, stage_files
 
 # What the embedded teacher should reach (issue: the teacher must be good and must hallucinate).
-AIMS = {"vqa_accuracy": 0.9, "pope_random_f1": 0.9}
+AIMS = {"vqa_accuracy": 0.9, "vqa_accuracy_per_type": 0.8, "pope_random_accuracy": 0.9, "yes_ratio": (0.4, 0.6), "adversarial_drop": 0.08, "partner_hallucination": 0.2}
 
 
 def train_teacher(params: Params, paths: StagePaths) -> dict:
@@ -45,7 +55,7 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
             w = params.curate.world
             pretrained.update(
                 pretrain_vision(
-                    model, processor.image_processor, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
+                    model, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
                     t.vision_pretrain.steps, t.vision_pretrain.lr, t.vision_pretrain.batch_size, t.seed,
                 )
             )  # fmt: skip
@@ -56,33 +66,80 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
     metrics = run_job(params, paths, job, build_init=build)
     if pretrained:
         metrics["vision_pretrain"] = pretrained
+    write_json(paths.teacher / TRAINED_ON, trained_on(params))
+    metrics["sha256"] = weights_sha256(paths.teacher)
     metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)
     metrics["checks"] = teacher_checks(metrics["probes"])
     write_json(paths.metrics / "teacher.json", metrics)
     return metrics
 
 
+def trained_on(params: Params) -> dict:
+    """What a trained teacher learned from: the world it saw and its own recipe (shipped with its weights)."""
+    return {"curate.world": params.curate.world.model_dump(mode="json"), "teacher": params.teacher.model_dump(mode="json", exclude={"source", "sha256"})}
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over a checkpoint's ``*.safetensors`` files in name order (names included)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_world(params: Params, folder: Path) -> None:
+    """A teacher trained on the embedded world only fits that world: refuse it when ``curate.world`` changed."""
+    path = folder / TRAINED_ON
+    if not path.exists() or not any(source.kind == "world" for source in params.curate.sources):
+        return
+    shipped = json.loads(path.read_text())["curate.world"]
+    current = params.curate.world.model_dump(mode="json")
+    changed = sorted(key for key in set(shipped) | set(current) if shipped.get(key) != current.get(key))
+    if changed:
+        raise CheckpointError(
+            f"teacher {folder} was trained on another world: curate.world.{', curate.world.'.join(changed)} differ. "
+            "Set teacher.source: train (and curate.tokenizer.source: world) to train a teacher on this world, "
+            "or restore those values."
+        )
+
+
 def teacher_checks(probes: dict) -> dict:
     """Whether the teacher meets its aims; reported, not enforced (a small CI run cannot meet them)."""
+    vqa, rand, adv = probes["vqa"], probes["pope_random"], probes["pope_adversarial"]
+    low, high = AIMS["yes_ratio"]
     return {
-        "vqa_accuracy_at_least_0.9": probes["vqa"]["accuracy"] >= AIMS["vqa_accuracy"],
-        "pope_random_f1_at_least_0.9": probes["pope_random"]["f1"] >= AIMS["pope_random_f1"],
-        "adversarial_f1_below_random": probes["pope_adversarial"]["f1"] < probes["pope_random"]["f1"],
+        "vqa_accuracy_at_least_0.9": vqa["accuracy"] >= AIMS["vqa_accuracy"],
+        "every_question_type_at_least_0.8": all(v >= AIMS["vqa_accuracy_per_type"] for k, v in vqa.items() if k.startswith("accuracy/")),
+        "pope_random_accuracy_at_least_0.9": rand["accuracy"] >= AIMS["pope_random_accuracy"],
+        "pope_random_yes_ratio_0.4_to_0.6": low <= rand["yes_ratio"] <= high,
+        "pope_adversarial_at_least_0.08_below_random": rand["accuracy"] - adv["accuracy"] >= AIMS["adversarial_drop"],
+        "partner_named_in_at_least_20%_of_captions": probes["caption"].get("partner_hallucination", 0.0) >= AIMS["partner_hallucination"],
     }
 
 
 def import_teacher(params: Params, paths: StagePaths) -> dict:
     source = fetch(params.teacher.source, paths.runs / "s3")
     validate_checkpoint(source, student_tokenizer=AutoTokenizer.from_pretrained(paths.tokenizer))
+    digest = weights_sha256(source)
+    if params.teacher.sha256 and digest != params.teacher.sha256:
+        raise CheckpointError(
+            f"teacher {params.teacher.source}: weights have SHA-256 {digest}, teacher.sha256 expects {params.teacher.sha256}. "
+            "The checkpoint changed since it was pinned: restore it, or set teacher.sha256 to the new hash if the change is intended."
+        )
+    check_world(params, source)
     tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", ".*"))
     shutil.rmtree(paths.teacher, ignore_errors=True)
     tmp.rename(paths.teacher)
     model = load_llava(paths.teacher)
-    metrics = {"source": params.teacher.source, **{f"{k}_parameters": v for k, v in parameter_counts(model).items()}}
+    metrics = {"source": params.teacher.source, "sha256": digest, **{f"{k}_parameters": v for k, v in parameter_counts(model).items()}}
     if (paths.probes / "vqa.jsonl").exists() and (paths.probes / "vqa.jsonl").stat().st_size:
         metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)
+        metrics["checks"] = teacher_checks(metrics["probes"])
     write_json(paths.metrics / "teacher.json", metrics)
     return metrics
 

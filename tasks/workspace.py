@@ -19,7 +19,7 @@ import yaml
 
 from tasks.params import REPO, deep_merge
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows", "teachers")
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
 
 

@@ -13,8 +13,10 @@ from tasks.workspace import make_workspace, write_params  # noqa: F401 - tests i
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
+# Outside the repo there is no shipped teacher: tiny projects train their tokenizer (and teacher) on the world.
 TINY_WORLD = {
-    "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10}}},
+    "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10}}, "tokenizer": {"source": "world"}},
+    "teacher": {"source": "train"},
 }
 
 

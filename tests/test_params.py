@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_every_problem_is_reported_with_its_dotted_key(tmp_path):
     path = write_params(
         tmp_path,
         {
-            "teacher": {"train": {"lr": -1.0, "colour": "red"}},
+            "teacher": {"source": "train", "train": {"lr": -1.0, "colour": "red"}},
             "upcycle": {"top_k": 8},
             "curate": {"world": {"image_size": 64, "shapes": ["circle", "blob", "square"]}},
         },
@@ -102,3 +103,17 @@ def test_every_field_is_documented():
         return missing
 
     assert walk(Params) == []
+
+
+def test_a_world_the_shipped_teacher_never_saw_fails_validation(tmp_path, monkeypatch):
+    folder = tmp_path / "teachers" / "embedded"
+    folder.mkdir(parents=True)
+    world = load_params(REPO / "params.yaml").curate.world.model_dump(mode="json")
+    (folder / "tinymod_trained_on.json").write_text(json.dumps({"curate.world": world}))
+    monkeypatch.chdir(tmp_path)
+    path = write_params(tmp_path, {"teacher": {"source": "teachers/embedded"}, "curate": {"world": {"hallucination_rate": 0.1}}})
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    problem = next(p for p in info.value.problems if p.key == "curate.world.hallucination_rate")
+    assert "trained on 0.8" in problem.message and "teacher.source: train" in problem.message
+    load_params(write_params(tmp_path, {"teacher": {"source": "teachers/embedded"}}))  # the world it saw passes

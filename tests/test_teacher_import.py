@@ -62,3 +62,34 @@ def test_a_different_vocabulary_names_both_sizes(checkpoint):
     other = train_tokenizer(["completely different words here"] * 30, vocab_size=310)
     with pytest.raises(CheckpointError, match=r"student tokenizer \(models/tokenizer\) has \d+ tokens, teacher .* has \d+"):
         validate_checkpoint(checkpoint, student_tokenizer=other)
+
+
+def test_a_pinned_hash_refuses_changed_weights(checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    pinned = teacher_stage.weights_sha256(checkpoint)
+    write_params(root, {"teacher": {"source": str(checkpoint), "sha256": pinned}})
+    save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
+    monkeypatch.chdir(root)
+    assert teacher_stage.main(["--params", "params.yaml"]) == 0
+    assert json.loads((root / "metrics/teacher.json").read_text())["sha256"] == pinned
+
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: same size, same header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="teacher.sha256 expects " + pinned):
+        teacher_stage.teacher(load_params(root / "params.yaml"), StagePaths(load_params(root / "params.yaml"), root))
+
+
+def test_a_teacher_trained_on_another_world_is_refused(checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    write_params(root, {"teacher": {"source": str(checkpoint)}})
+    params = load_params(root / "params.yaml")
+    shipped = teacher_stage.trained_on(params)
+    shipped["curate.world"]["hallucination_rate"] = 0.1
+    (checkpoint / teacher_stage.TRAINED_ON).write_text(json.dumps(shipped))
+    save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
+    monkeypatch.chdir(root)
+    with pytest.raises(CheckpointError, match=r"curate.world.hallucination_rate differ.*teacher.source: train"):
+        teacher_stage.teacher(params, StagePaths(params, root))
+    assert not (root / "models/teacher").exists(), "a refused teacher must not be copied in"
