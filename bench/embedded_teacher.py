@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from tasks.params import REPO
-from tasks.teacher import weights_sha256
+from tasks.teacher import HISTORY, weights_sha256
 from tasks.workspace import dvc_env, make_workspace
 
 SHIPPED = REPO / "teachers" / "embedded"
@@ -77,6 +77,7 @@ def ship(root: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(root / "models/teacher", tmp)
     shutil.copy(root / "metrics/teacher.json", tmp / "tinymod_metrics.json")
+    shutil.copy(root / ".cache/runs/teacher/history.jsonl", tmp / HISTORY)
     shutil.rmtree(SHIPPED, ignore_errors=True)
     tmp.rename(SHIPPED)
     digest = weights_sha256(SHIPPED)

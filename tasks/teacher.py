@@ -36,7 +36,9 @@ from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
 from tasks.common import StagePaths, run_stage, write_json
 from tasks.params import TRAINED_ON, Params
-from tasks.training import Job, run_job, stage_files
+from tasks.training import Job, plot_history, run_job, stage_files
+
+HISTORY = "tinymod_history.jsonl"  # the training run's per-step log, shipped beside a trained teacher's weights
 
 # What the embedded teacher should reach (issue: the teacher must be good and must hallucinate).
 AIMS = {"vqa_accuracy": 0.9, "vqa_accuracy_per_type": 0.8, "pope_random_accuracy": 0.9, "yes_ratio": (0.4, 0.6), "adversarial_drop": 0.08, "partner_hallucination": 0.2}
@@ -136,6 +138,10 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     shutil.rmtree(paths.teacher, ignore_errors=True)
     tmp.rename(paths.teacher)
     model = load_llava(paths.teacher)
+    # The loss curve of the run that made it, when it ships one (teachers/embedded does); the plot is a stage output.
+    history_file = paths.teacher / HISTORY
+    history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] if history_file.exists() else []
+    plot_history(history, paths.plots / "teacher_loss.png", f"teacher (imported from {params.teacher.source})")
     metrics = {"source": params.teacher.source, "sha256": digest, **{f"{k}_parameters": v for k, v in parameter_counts(model).items()}}
     if (paths.probes / "vqa.jsonl").exists() and (paths.probes / "vqa.jsonl").stat().st_size:
         metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)
