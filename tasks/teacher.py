@@ -129,7 +129,8 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     if params.teacher.sha256 and digest != params.teacher.sha256:
         raise CheckpointError(
             f"teacher {params.teacher.source}: weights have SHA-256 {digest}, teacher.sha256 expects {params.teacher.sha256}. "
-            "The checkpoint changed since it was pinned: restore it, or set teacher.sha256 to the new hash if the change is intended."
+            "The checkpoint changed since it was pinned, or teacher.source now names another one: restore it, or set "
+            "teacher.sha256 to the new hash (or null, to pin nothing)."
         )
     check_world(params, source)
     tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")
