@@ -565,6 +565,18 @@ def _problem_from_error(error: dict, layers: list[tuple[str, dict]]) -> Problem:
     return Problem(_dotted(loc), message, where)
 
 
+def world_differences(teacher: Path, world: WorldParams) -> dict[str, Any]:
+    """``curate.world`` keys whose value differs from the world ``teacher`` was trained on, with that value.
+
+    Empty when the folder records no world (a real teacher, or one made outside tinymod)."""
+    record = teacher / TRAINED_ON
+    if not record.is_file():
+        return {}
+    seen = json.loads(record.read_text())["curate.world"]
+    current = world.model_dump(mode="json")
+    return {key: seen.get(key) for key in sorted(set(seen) | set(current)) if seen.get(key) != current.get(key)}
+
+
 def _cross_checks(p: Params) -> list[Problem]:
     """Problems no single field can see: sizes that must agree, names that must exist."""
     problems: list[Problem] = []
@@ -598,15 +610,12 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(
                 Problem("curate.image_tokens", f"must be (teacher.vision.image_size / patch_size)^2 = {(vision.image_size // vision.patch_size) ** 2}")
             )
-    shipped = Path(p.teacher.source) / TRAINED_ON if not p.teacher.source.startswith("s3://") else None
-    if uses_world and shipped is not None and shipped.is_file():
-        trained_on = json.loads(shipped.read_text()).get("curate.world", {})
-        current = world.model_dump(mode="json")
-        for key in sorted(k for k in set(trained_on) | set(current) if trained_on.get(k) != current.get(k)):
+    if uses_world and not p.teacher.source.startswith("s3://"):
+        for key, seen in world_differences(Path(p.teacher.source), world).items():
             problems.append(
                 Problem(
                     f"curate.world.{key}",
-                    f"teacher {p.teacher.source} was trained on {trained_on.get(key)!r}; set teacher.source: train "
+                    f"teacher {p.teacher.source} was trained on {seen!r}; set teacher.source: train "
                     "(and curate.tokenizer.source: world) to train a teacher on this world",
                 )
             )

@@ -25,7 +25,6 @@ Run: ``python -m tasks.register [--params params.yaml]``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 
 from model.s3 import check_bucket
 from tasks import tracking
-from tasks.common import StageFailure, StagePaths, run_stage, write_json
+from tasks.common import StageFailure, StagePaths, files_sha256, run_stage, write_json
 from tasks.evaluate import CHECKPOINTS, HEADLINE, headline
 from tasks.params import GateParams, Params
 
@@ -76,7 +75,7 @@ def register(params: Params, paths: StagePaths) -> dict:
         raise RegisterError("the gate needs tinymod_pope_adversarial, tinymod_vqa and tinymod_caption in evaluate.tasks")
     checks = gate_checks(student, teacher, r.gate)
     passed = all(c["passed"] for c in checks)
-    weights_hash = _sha256(weights)
+    weights_hash = files_sha256(weights)
     review = write_review(params, paths, scores, checks)
 
     client, experiment_id = tracking.client(params)
@@ -171,15 +170,6 @@ def lineage_tags(params: Params, paths: StagePaths, weights_hash: str) -> dict[s
         "tinymod.params_hash": tracking.params_hash(params.model_dump(mode="json")),
         "tinymod.weights_sha256": weights_hash,
     }
-
-
-def _sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[dict]) -> Path:

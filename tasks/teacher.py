@@ -14,7 +14,6 @@ Run: ``python -m tasks.teacher [--params params.yaml]``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -34,8 +33,8 @@ from model.builders import (
 from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
-from tasks.common import StagePaths, run_stage, write_json
-from tasks.params import TRAINED_ON, Params
+from tasks.common import StagePaths, files_sha256, run_stage, write_json
+from tasks.params import TRAINED_ON, Params, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
 
 HISTORY = "tinymod_history.jsonl"  # the training run's per-step log, shipped beside a trained teacher's weights
@@ -82,24 +81,15 @@ def trained_on(params: Params) -> dict:
 
 
 def weights_sha256(folder: Path) -> str:
-    """SHA-256 over a checkpoint's ``*.safetensors`` files in name order (names included)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 over a checkpoint's ``*.safetensors`` files in name order."""
+    return files_sha256(sorted(folder.glob("*.safetensors")))
 
 
 def check_world(params: Params, folder: Path) -> None:
     """A teacher trained on the embedded world only fits that world: refuse it when ``curate.world`` changed."""
-    path = folder / TRAINED_ON
-    if not path.exists() or not any(source.kind == "world" for source in params.curate.sources):
+    if not any(source.kind == "world" for source in params.curate.sources):
         return
-    shipped = json.loads(path.read_text())["curate.world"]
-    current = params.curate.world.model_dump(mode="json")
-    changed = sorted(key for key in set(shipped) | set(current) if shipped.get(key) != current.get(key))
+    changed = world_differences(folder, params.curate.world)
     if changed:
         raise CheckpointError(
             f"teacher {folder} was trained on another world: curate.world.{', curate.world.'.join(changed)} differ. "
