@@ -164,9 +164,7 @@ def write_report(metrics: dict, paths: StagePaths) -> Path:
                 continue
             cell = f"{value:.3f}"
             if name != "teacher" and label in teacher:
-                delta = value - teacher[label]
-                arrow = "" if better[label] is None else (" ↑" if (delta > 0) == better[label] and delta else (" ↓" if delta else ""))
-                cell += f" ({delta:+.3f}{arrow})"
+                cell += f" ({_delta(value - teacher[label], better[label])})"
             cells.append(cell)
         p = scores["parameters"]
         unparsed = " / ".join(_unparsed(scores, split) for split in POPE_SPLITS)
@@ -179,6 +177,12 @@ def write_report(metrics: dict, paths: StagePaths) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def _delta(delta: float, higher_is_better: bool | None) -> str:
+    """'+0.012 ↑': the difference, with an arrow saying whether it is an improvement."""
+    arrow = "" if higher_is_better is None or not delta else (" ↑" if (delta > 0) == higher_is_better else " ↓")
+    return f"{delta:+.3f}{arrow}"
 
 
 def _versus_baseline(models: dict, labels: list[str], better: dict) -> list[str]:
@@ -203,9 +207,7 @@ def _versus_baseline(models: dict, labels: list[str], better: dict) -> list[str]
             if label not in figures or label not in base:
                 cells.append("")
                 continue
-            delta = figures[label] - base[label]
-            arrow = "" if better[label] is None or not delta else (" ↑" if (delta > 0) == better[label] else " ↓")
-            cells.append(f"{delta:+.3f}{arrow}")
+            cells.append(_delta(figures[label] - base[label], better[label]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
