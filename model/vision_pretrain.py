@@ -13,6 +13,14 @@ LLaVA keeps CLIP frozen: trained on with the LLM, it lost its shape features
 (measured: shape separable at 0.99 after this pretraining, 0.21 after 2,000
 LLaVA steps with the tower trainable, colours untouched).
 
+A student whose LLM is built fresh has the same problem one step later: the
+teacher's tower is text-aligned, but to the teacher's words, and a new
+projector in front of a random LLM cannot learn from captions alone where that
+LLM's words are (align's ce stays near ln(vocab)). The align stage therefore
+runs the same scoring against the student's own word embeddings, tower frozen
+(measured on the embedded default, no teacher, 800 steps on 2,000 records:
+existence 0.55 -> 0.74, colour 0.19 -> 0.53, shape 0.15 -> 0.43).
+
 It takes seconds. Empty cells have a learned "nothing here" vector per
 attribute. The teacher's hallucinations still come from where real ones do:
 the language model's prior, learned from noisy annotations.
@@ -92,10 +100,14 @@ def pretrain_vision(
     lr: float,
     batch_size: int,
     seed: int,
+    train_tower: bool = True,
 ) -> dict:
     """Train ``model``'s vision tower, projector and word embeddings in place; returns the loss and held-out cell accuracy.
 
     The features trained are those LLaVA feeds its LLM: ``vision_feature_layer``, CLS dropped, projected.
+    With ``train_tower=False`` the tower is left as it is and only the projector and the words move:
+    how a student with a fresh LLM learns to put the teacher's (already text-aligned) features where
+    its own words are.
     """
     torch.manual_seed(seed)
     info = json.loads((world_dir / "world.json").read_text())
@@ -113,13 +125,15 @@ def pretrain_vision(
     vision = model.config.vision_config
     cells = patch_cells(vision.image_size // vision.patch_size)
     tables = WordTables(model.get_input_embeddings(), [word_ids(tokenizer, w) for w in (shapes, colours, sizes, POSITIONS)])
-    optimizer = torch.optim.AdamW([*tower.parameters(), *projector.parameters(), *tables.parameters()], lr=lr, weight_decay=0.0)
+    trained = [*projector.parameters(), *tables.parameters(), *(tower.parameters() if train_tower else [])]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     held_out = max(1, len(names) // 10)
     train_n = len(names) - held_out
     layer = model.config.vision_feature_layer
 
     def logits(batch_pixels: torch.Tensor) -> list[torch.Tensor]:
-        features = tower(batch_pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
+            features = tower(batch_pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         return tables.logits(projector(features))
 
     def loss_of(outs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -129,7 +143,7 @@ def pretrain_vision(
             for k, out in enumerate(outs)
         )
 
-    tower.train()
+    tower.train(train_tower)
     loss = torch.tensor(0.0)
     for _ in range(steps):
         index = torch.randint(0, train_n, (batch_size,))

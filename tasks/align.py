@@ -6,6 +6,13 @@ teacher's vocabulary). With the LLaVA-MoD recipe only the projector trains on
 captions (ce); with LLaVA-KD this is DPT: ce + MDist (response and visual KL)
 + RDist, against the frozen teacher.
 
+A fresh LLM (``student.llm: init``) knows no words, so captions alone cannot
+teach the projector where they are (ce stays near ln(vocab)). On the embedded
+world the new student is first word-aligned (``align.word_align``): its
+projected image cells are scored against its own word embeddings, as the
+teacher's vision pretraining did for the teacher. Without it the students
+answered at chance however long they trained on the default's data.
+
 Run: ``python -m tasks.align [--params params.yaml]``
 """
 
@@ -17,19 +24,31 @@ from pathlib import Path
 from transformers import AutoProcessor, AutoTokenizer
 
 from model.builders import build_student, load_llava, save_checkpoint
-from tasks.common import StagePaths, run_stage
+from model.vision_pretrain import pretrain_vision
+from tasks.common import StagePaths, run_stage, write_json
 from tasks.params import Params
 from tasks.training import Job, run_job, stage_files, train_summary
 
 
 def align(params: Params, paths: StagePaths) -> dict:
     section = params.align
+    word_aligned: dict = {}
 
     def build(out: Path) -> None:
         teacher = load_llava(paths.teacher)
         tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
+        processor = AutoProcessor.from_pretrained(paths.teacher)
         student = build_student(teacher, section.student.text, section.student.llm, tokenizer, params.seed)
-        save_checkpoint(student, AutoProcessor.from_pretrained(paths.teacher), out)
+        if word_aligns(params):
+            w, wa = params.curate.world, section.word_align
+            word_aligned.update(
+                pretrain_vision(
+                    student, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
+                    wa.steps, wa.lr, wa.batch_size, params.seed, train_tower=False,
+                )
+            )  # fmt: skip
+            print(f"align: student word-aligned, held-out cell accuracy {word_aligned['held_out_cell_accuracy']}", flush=True)
+        save_checkpoint(student, processor, out)
 
     job = Job(
         "align",
@@ -39,7 +58,17 @@ def align(params: Params, paths: StagePaths) -> dict:
         data_files=stage_files(paths, section.splits),
         teacher=paths.teacher,
     )
-    return run_job(params, paths, job, build_init=build)
+    metrics = run_job(params, paths, job, build_init=build)
+    if word_aligned:
+        metrics["word_align"] = word_aligned
+        write_json(paths.metrics / "align.json", metrics)
+    return metrics
+
+
+def word_aligns(params: Params) -> bool:
+    """Whether align word-aligns the new student: a fresh LLM, the world among the sources, steps to take."""
+    uses_world = any(source.kind == "world" for source in params.curate.sources)
+    return params.align.student.llm == "init" and uses_world and params.align.word_align.steps > 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -344,9 +344,22 @@ class StudentParams(Section):
     """LLM of the student when `llm: init`."""
 
 
+class WordAlignParams(Section):
+    steps: int = Field(300, ge=0)
+    """Steps of scoring the student's projected image cells against its own word embeddings before align trains
+    (model/vision_pretrain.py, tower frozen). Runs only for a fresh LLM (`student.llm: init`) with the world among
+    curate.sources: a pretrained LLM's words already mean something, and real data has no per-cell truth."""
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    """AdamW learning rate of the word alignment."""
+    batch_size: int = Field(64, ge=1)
+    """Images per word-alignment step."""
+
+
 class AlignParams(TrainingParams):
     student: StudentParams = StudentParams()
     """The student this stage builds: the teacher's frozen vision tower, a new projector and this LLM."""
+    word_align: WordAlignParams = WordAlignParams()
+    """Put a fresh student's image tokens where its words are, as the teacher's vision pretraining did for the teacher."""
 
 
 class UpcycleParams(Section):
@@ -619,10 +632,14 @@ def _cross_checks(p: Params) -> list[Problem]:
                     "(and curate.tokenizer.source: world) to train a teacher on this world",
                 )
             )
-    if p.teacher.source == "train" and p.teacher.vision_pretrain.steps and uses_world:
+    grid_users = {
+        "teacher.vision_pretrain.steps": p.teacher.source == "train" and p.teacher.vision_pretrain.steps,
+        "align.word_align.steps": p.align.student.llm == "init" and p.align.word_align.steps,
+    }
+    for key in [k for k, used in grid_users.items() if used and uses_world]:
         if vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:
             problems.append(
-                Problem("teacher.vision.patch_size", f"vision pretraining needs image_size / patch_size to be a multiple of 3 (the world's grid), got {vision.image_size // vision.patch_size}")
+                Problem("teacher.vision.patch_size", f"{key} needs image_size / patch_size to be a multiple of 3 (the world's grid), got {vision.image_size // vision.patch_size}")
             )
     for prefix, text in (("teacher.text", p.teacher.text), ("align.student.text", p.align.student.text)):
         if text.hidden_size % text.heads:

@@ -50,6 +50,8 @@ def test_stage_metrics_and_mlflow_runs(project):
         metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
         assert metrics["steps"] > 0 and metrics["trainable"] > 0 and "loss" in metrics["final"]
         assert (project / "reports" / "plots" / f"{stage}_loss.png").exists()
+    word_align = json.loads((project / "metrics/align.json").read_text())["word_align"]
+    assert word_align["steps"] == 5 and set(word_align["held_out_cell_accuracy"]) == {"shape", "colour", "size", "position"}
     sparse = json.loads((project / "metrics/mimic_sparse.json").read_text())
     assert sparse["active_parameters"] < sparse["total_parameters"]
     assert {"kl_response", "router_aux"} <= set(sparse["final"])
