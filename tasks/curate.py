@@ -11,23 +11,31 @@ reason, never dropped silently, and the counts always add up::
 Kept images are copied into a content-addressed store (data/curated/images/),
 so the curated folder is self-contained and versioned by DVC as one output.
 
+Everything is built in staging folders beside the outputs (``data/curated.staging``
+and the like) and renamed into place only when the stage succeeds: a crash at any
+record, or too many rejections, leaves the previous outputs as they were (the
+failed attempt's quarantine stays in the staging folder for inspection).
+
 Run: ``python -m tasks.curate [--params params.yaml]``
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -43,8 +51,8 @@ REASONS = {
     "no_image": "no image (tinymod trains image-grounded conversations only)",
     "path_escape": "image path leaves the image root (.., absolute path or symlink)",
     "image_missing": "image file not found",
-    "image_undecodable": "image cannot be decoded (truncated or not an image)",
-    "image_size": "image side outside curate.min_image_side..max_image_side",
+    "image_undecodable": "image cannot be decoded (truncated, not an image, or an image-library error)",
+    "image_size": "image side outside curate.min_image_side..max_image_side (read from the header, before decoding)",
     "image_token": "not exactly one <image> placeholder, in the first human turn",
     "roles": "turns do not alternate human/gpt starting with human",
     "empty_answer": "an answer (gpt turn, chosen or rejected) is empty",
@@ -299,18 +307,33 @@ def resolve_image(root: Path, relative: str) -> Path:
 
 
 def check_image(data: bytes, params: CurateParams) -> tuple[str, str]:
-    """Decode the whole image; returns (sha256, file extension)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            width, height = image.size
-            fmt = (image.format or "png").lower()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise Rejected("image_undecodable", str(error)) from None
+    """Check the header's size, then decode the whole image; returns (sha256, file extension).
+
+    The size comes from the header, so an oversized image (a decompression bomb included) is
+    rejected without being decoded. Any error of the image library quarantines the record.
+    """
     low, high = params.min_image_side, params.max_image_side
-    if not (low <= width <= high and low <= height <= high):
-        raise Rejected("image_size", f"{width}x{height}, allowed sides {low}..{high}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if not (low <= width <= high and low <= height <= high):
+                    raise Rejected("image_size", f"{width}x{height}, allowed sides {low}..{high}")
+                image.load()
+                fmt = (image.format or "png").lower()
+    except Rejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise Rejected("image_size", f"decompression bomb: {_without_addresses(error)}") from None
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
+        raise Rejected("image_undecodable", f"{type(error).__name__}: {_without_addresses(error)}") from None
     return hashlib.sha256(data).hexdigest(), {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+def _without_addresses(error: BaseException) -> str:
+    """The message without object addresses (``<_io.BytesIO object at 0x7f..>``): identical runs, identical quarantine."""
+    return re.sub(r" at 0x[0-9a-f]+", "", str(error))
 
 
 def conversation_text(record: dict, preference: bool) -> str:
@@ -328,12 +351,37 @@ def conversation_text(record: dict, preference: bool) -> str:
 # ---------------------------------------------------------------- the stage
 
 
+STAGING = ".staging"
+
+
+def staged(paths: StagePaths) -> StagePaths:
+    """``paths`` with the stage's folders (world, curated, tokenizer) moved to their staging names."""
+    out = copy.copy(paths)
+    out.world, out.curated, out.tokenizer = (p.with_name(p.name + STAGING) for p in (paths.world, paths.curated, paths.tokenizer))
+    out.probes = out.curated / "probes"
+    return out
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with renames: at every moment one complete version exists."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def curate(params: Params, paths: StagePaths, show_progress: bool = True) -> dict:
-    """Run the whole stage; returns the metrics written to metrics/curate.json."""
+    """Run the whole stage in staging folders and swap them in on success; returns the metrics (metrics/curate.json)."""
     cp = params.curate
     started = time.time()
-    if paths.curated.exists():
-        shutil.rmtree(paths.curated)
+    final, paths = paths, staged(paths)
+    for folder in (paths.world, paths.curated, paths.tokenizer):
+        if folder.exists():
+            shutil.rmtree(folder)
     (paths.curated / "images").mkdir(parents=True)
     raws = list(tqdm(all_sources(cp, paths), desc="curate: reading", unit="rec", disable=None if show_progress else True))
     tokenizer = build_tokenizer(cp, raws, paths.tokenizer)
@@ -381,16 +429,20 @@ def curate(params: Params, paths: StagePaths, show_progress: bool = True) -> dic
             write_jsonl(paths.curated / f"{split}.jsonl", [])
     write_jsonl(paths.curated / "quarantine.jsonl", outcome.quarantine)
     metrics = _metrics(outcome, time.time() - started)
-    write_json(paths.metrics / "curate.json", metrics)
-    write_data_card(paths, params, outcome, metrics)
     fraction = metrics["rejected_fraction"]
     if fraction > cp.max_rejected_fraction:
+        write_json(paths.curated / "curate.json", metrics)
         raise CurateError(
             f"{metrics['rejected']} of {metrics['in']} records rejected ({fraction:.1%}), above "
             f"curate.max_rejected_fraction ({cp.max_rejected_fraction:.1%}). Reasons: {dict(outcome.reasons)}. "
             f"Every rejected record is in {paths.curated / 'quarantine.jsonl'} with its reason; fix the source "
-            "or raise the threshold."
+            f"or raise the threshold. The previous outputs ({final.curated}, {final.world}, {final.tokenizer}) are untouched."
         )
+    for folder in ("world", "curated", "tokenizer"):
+        if getattr(paths, folder).exists():
+            swap_in(getattr(paths, folder), getattr(final, folder))
+    write_json(final.metrics / "curate.json", metrics)
+    write_data_card(final, params, outcome, metrics)
     return metrics
 
 

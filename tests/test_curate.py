@@ -170,15 +170,84 @@ def test_kept_records_are_self_contained_llava_records(corrupt_sources):
     assert all(r["chosen"] and r["rejected"] for r in preference)
 
 
-def test_too_many_rejections_fail_the_stage_but_keep_everything(corrupt_sources):
+def test_too_many_rejections_fail_the_stage_and_keep_the_previous_outputs(corrupt_sources):
     root = corrupt_sources["root"]
-    overrides = {"curate": {"sources": corrupt_sources["sources"], "max_rejected_fraction": 0.05}}
-    params = load_params(write_params(root / "run", overrides))
-    paths = StagePaths(params, root / "run")
-    with pytest.raises(CurateError, match=r"above curate.max_rejected_fraction.*quarantine.jsonl"):
+    good = {"curate": {"sources": corrupt_sources["sources"], "max_rejected_fraction": 1.0}}
+    _, paths = run_curate(root / "run", good)
+    before = {f.relative_to(paths.curated): f.read_bytes() for f in paths.curated.rglob("*") if f.is_file()}
+    metrics_before = (paths.metrics / "curate.json").read_text()
+    params = load_params(write_params(root / "run", {"curate": {**good["curate"], "max_rejected_fraction": 0.05}}))
+    with pytest.raises(CurateError, match=r"above curate.max_rejected_fraction.*curated.staging/quarantine.jsonl.*untouched"):
         curate(params, paths, show_progress=False)
-    assert sum(1 for _ in read_jsonl(paths.curated / "quarantine.jsonl")) > 10
-    assert (paths.metrics / "curate.json").exists()
+    after = {f.relative_to(paths.curated): f.read_bytes() for f in paths.curated.rglob("*") if f.is_file()}
+    assert after == before and (paths.metrics / "curate.json").read_text() == metrics_before
+    # The failed attempt's quarantine is kept for inspection beside the untouched outputs.
+    assert sum(1 for _ in read_jsonl(root / "run/data/curated.staging/quarantine.jsonl")) > 10
+
+
+def test_a_crash_mid_stage_leaves_the_previous_outputs_intact(corrupt_sources, monkeypatch):
+    from tasks import curate as stage
+
+    root = corrupt_sources["root"]
+    overrides = {"curate": {"sources": corrupt_sources["sources"], "max_rejected_fraction": 1.0}}
+    _, paths = run_curate(root / "run", overrides)
+    before = sorted(f.relative_to(paths.curated) for f in paths.curated.rglob("*"))
+    calls = []
+
+    def crash_on_the_fifth(data, params):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("killed mid-stage")
+        return check_image(data, params)
+
+    check_image = stage.check_image
+    monkeypatch.setattr(stage, "check_image", crash_on_the_fifth)
+    with pytest.raises(MemoryError):
+        run_curate(root / "run", overrides)
+    assert sorted(f.relative_to(paths.curated) for f in paths.curated.rglob("*")) == before
+    assert (paths.tokenizer / "tokenizer.json").exists()
+
+
+def test_bombs_and_oversized_images_are_quarantined_from_the_header(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "good.png").write_bytes(png((10, 200, 30)))
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buffer, format="PNG")  # 400 Mpx: PIL's decompression-bomb error
+    (root / "bomb.png").write_bytes(buffer.getvalue())
+    buffer = io.BytesIO()
+    Image.new("1", (6_000, 300)).save(buffer, format="PNG")  # over max_image_side, under PIL's bomb limit
+    (root / "wide.png").write_bytes(buffer.getvalue())
+    lines = [json.dumps({"id": name, "image": f"{name}.png", "conversations": conv("q", "a")}) for name in ("good", "bomb", "wide")]
+    (tmp_path / "general.jsonl").write_text("\n".join(lines))
+    sources = [{"kind": "llava_json", "path": str(tmp_path / "general.jsonl"), "image_root": str(root), "split": "general"}]
+    decoded = []
+    load = Image.Image.load
+
+    def counting_load(image):
+        decoded.append(image.size)
+        return load(image)
+
+    Image.Image.load = counting_load
+    try:
+        _, paths = run_curate(tmp_path / "run", {"curate": {"sources": sources, "max_rejected_fraction": 1.0}})
+    finally:
+        Image.Image.load = load
+    quarantine = {q["id"]: q for q in read_jsonl(paths.curated / "quarantine.jsonl")}
+    assert quarantine["bomb"]["reason"] == "image_size" and "decompression bomb" in quarantine["bomb"]["detail"]
+    assert quarantine["wide"]["reason"] == "image_size" and "6000x300" in quarantine["wide"]["detail"]
+    assert (6_000, 300) not in decoded and (20_000, 20_000) not in decoded
+    assert [r["id"] for r in read_jsonl(paths.curated / "general.jsonl")] == ["good"]
+
+
+def test_identical_runs_write_identical_quarantines(corrupt_sources):
+    root = corrupt_sources["root"]
+    overrides = {"curate": {"sources": corrupt_sources["sources"], "max_rejected_fraction": 1.0}}
+    _, first = run_curate(root / "one", overrides)
+    _, second = run_curate(root / "two", overrides)
+    text = (first.curated / "quarantine.jsonl").read_text()
+    assert " at 0x" not in text
+    assert text == (second.curated / "quarantine.jsonl").read_text()
 
 
 def test_world_curates_clean_with_probes_and_tokenizer(tmp_path):
