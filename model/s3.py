@@ -1,13 +1,19 @@
 """Checkpoints on S3, through boto3.
 
-Credentials and the endpoint come from the environment or an AWS profile, as
-boto3 reads them (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3``
-for an S3-compatible server); nothing here logs or stores them.
+Credentials come from the environment or an AWS profile, as boto3 reads them
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``); nothing here logs or stores them. The
+endpoint of an S3-compatible server is resolved once, by ``endpoint_url()``,
+from the variables boto3 and MLflow read, and every client here uses it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+MANIFEST = ".tinymod-etags.json"  # beside a cached prefix: file -> ETag it was downloaded with
 
 
 class S3Error(RuntimeError):
@@ -22,14 +28,39 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def download_prefix(uri: str, cache: Path) -> Path:
-    """Every object under ``uri`` into ``cache/<bucket>/<prefix>/``; files already there with the same size are kept."""
+def endpoint_url() -> str | None:
+    """The one S3 endpoint (None: AWS's own), from AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL.
+
+    When they name different endpoints, credentials meant for one could reach the other, and MLflow
+    would write artifacts where tinymod does not read them: that is refused.
+    """
+    named = {name: os.environ[name].rstrip("/") for name in ENDPOINT_VARIABLES if os.environ.get(name)}
+    if len(set(named.values())) > 1:
+        listed = ", ".join(f"{name}={value}" for name, value in named.items())
+        raise S3Error(f"S3 endpoints disagree ({listed}); set them to one URL, or unset all but one")
+    return next(iter(named.values()), None)
+
+
+def client(**config):
+    """A boto3 S3 client on ``endpoint_url()``; ``config`` goes to botocore's ``Config``."""
     import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint_url(), config=Config(**config) if config else None)
+
+
+def download_prefix(uri: str, cache: Path) -> Path:
+    """Every object under ``uri`` into ``cache/<bucket>/<prefix>/``.
+
+    A file already there is kept only when the object's ETag is the one it was downloaded with
+    (a manifest beside the folder records them): a same-sized replacement is downloaded again.
+    Each file is written to a temporary name and renamed, so a killed download leaves no partial file.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_uri(uri)
     target = cache / bucket / prefix
-    s3 = boto3.client("s3")
+    s3 = client()
     try:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
         objects = [obj for page in pages for obj in page.get("Contents", [])]
@@ -42,15 +73,24 @@ def download_prefix(uri: str, cache: Path) -> Path:
         raise S3Error(f"{uri}: cannot reach {s3.meta.endpoint_url}: {error}") from None
     if not objects:
         raise S3Error(f"{uri}: no objects under this prefix")
+    manifest_path = target.parent / f"{target.name}{MANIFEST}"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for obj in objects:
         relative = obj["Key"][len(prefix) :].lstrip("/")
         local = target / relative
         if not local.resolve().is_relative_to(target.resolve()):
             raise S3Error(f"{uri}: key {obj['Key']!r} would be written outside {target}")
-        if local.exists() and local.stat().st_size == obj["Size"]:
+        if local.exists() and manifest.get(relative) == obj["ETag"]:
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, obj["Key"], str(local))
+        partial = local.with_name(local.name + ".partial")
+        try:
+            s3.download_file(bucket, obj["Key"], str(partial))
+        except (ClientError, BotoCoreError) as error:
+            raise S3Error(f"{uri}: downloading {obj['Key']!r} from {s3.meta.endpoint_url} failed: {error}") from None
+        partial.replace(local)
+        manifest[relative] = obj["ETag"]
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return target
 
 
@@ -62,12 +102,10 @@ def check_bucket(uri: str, attempts: int = 4, backoff_s: float = 1.0) -> None:
     """
     import time
 
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
     bucket, _ = split_uri(uri)
-    s3 = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10))
+    s3 = client(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10)
     for attempt in range(1, attempts + 1):
         try:
             s3.head_bucket(Bucket=bucket)

@@ -14,7 +14,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from tasks.common import StageFailure
 from tasks.params import Params, Tracking
+
+
+class TrackingError(StageFailure):
+    """The MLflow store cannot be used as configured; the message says what to change."""
 
 
 def tracking_uri(tracking: Tracking, root: Path) -> str:
@@ -54,6 +59,14 @@ def _client(uri: str, experiment_name: str, artifacts: str):
         experiment_id = mlflow_client.create_experiment(experiment_name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
+        # An experiment keeps the artifact root it was created with: a changed
+        # tracking.artifact_location would otherwise be ignored without a word.
+        if experiment.artifact_location.rstrip("/") != artifacts.rstrip("/"):
+            raise TrackingError(
+                f"MLflow experiment {experiment_name!r} at {uri} stores artifacts in {experiment.artifact_location}, "
+                f"but tracking.artifact_location is {artifacts}. MLflow cannot move an experiment's artifacts: "
+                "set tracking.experiment to a new name, or restore tracking.artifact_location."
+            )
     return mlflow_client, experiment_id
 
 

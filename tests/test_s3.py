@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from model.s3 import S3Error, check_bucket, download_prefix
+from model.s3 import S3Error, check_bucket, download_prefix, endpoint_url
 from tasks.workspace import dvc_env
 
 
@@ -52,6 +52,34 @@ def test_checkpoint_download_from_a_prefix(s3_env, tmp_path):
     s3.put_object(Bucket="teachers", Key="llava/sub/model.safetensors", Body=b"weights")
     local = download_prefix("s3://teachers/llava", tmp_path)
     assert (local / "config.json").read_bytes() == b"{}" and (local / "sub/model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_replaced_object_of_the_same_size_is_downloaded_again(s3_env, tmp_path):
+    s3 = bucket("stale")
+    s3.put_object(Bucket="stale", Key="llava/model.safetensors", Body=b"weights-v1")
+    s3.put_object(Bucket="stale", Key="llava/config.json", Body=b"{}")
+    local = download_prefix("s3://stale/llava", tmp_path)
+    config_mtime = (local / "config.json").stat().st_mtime_ns
+    s3.put_object(Bucket="stale", Key="llava/model.safetensors", Body=b"weights-v2")  # same size, new content
+    time.sleep(0.01)
+    download_prefix("s3://stale/llava", tmp_path)
+    assert (local / "model.safetensors").read_bytes() == b"weights-v2"
+    assert (local / "config.json").stat().st_mtime_ns == config_mtime, "an unchanged object is not fetched again"
+    assert not list(local.rglob("*.partial")) and sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_mlflow_s3_endpoint_alone_is_the_endpoint(monkeypatch, s3_env):
+    bucket("mlflow-only")
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert endpoint_url() == s3_env
+    check_bucket("s3://mlflow-only/artifacts", attempts=1)  # reaches the local server, not s3.amazonaws.com
+
+
+def test_disagreeing_endpoints_are_refused(monkeypatch, s3_env):
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(S3Error, match="S3 endpoints disagree.*AWS_ENDPOINT_URL_S3=.*MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9"):
+        check_bucket("s3://any/prefix", attempts=1)
 
 
 def test_a_missing_bucket_is_named(s3_env):
@@ -121,3 +149,17 @@ def test_mlflow_artifacts_on_s3_register_and_download_by_alias(s3_env, tmp_path)
     mlflow.set_registry_uri(uri)
     path = mlflow.artifacts.download_artifacts("models:/s3-student@champion", dst_path=str(tmp_path / "back"))
     assert (Path(path) / "config.json").read_text() == '{"model_type": "llava"}'
+
+
+def test_a_changed_artifact_location_is_refused_not_ignored(tmp_path):
+    from tasks import tracking
+    from tasks.params import load_params
+
+    from .conftest import write_params
+
+    local = load_params(write_params(tmp_path, {"tracking": {"experiment": "moved"}}))
+    _, experiment_id = tracking.client(local, tmp_path)
+    on_s3 = load_params(write_params(tmp_path, {"tracking": {"experiment": "moved", "artifact_location": "s3://bucket/mlflow"}}))
+    with pytest.raises(tracking.TrackingError, match=r"stores artifacts in file://.*but tracking.artifact_location is s3://bucket/mlflow.*new name"):
+        tracking.client(on_s3, tmp_path)
+    assert tracking.client(local, tmp_path)[1] == experiment_id
