@@ -183,8 +183,15 @@ def validate_checkpoint(path: Path, student_tokenizer: PreTrainedTokenizerBase |
         config = json.loads(config_file.read_text())
         if config.get("model_type") != "llava":
             problems.append(f"config.json model_type is {config.get('model_type')!r}, expected 'llava' (LlavaForConditionalGeneration)")
-        if config.get("auto_map"):
-            problems.append("config.json asks for remote code (auto_map); tinymod never sets trust_remote_code")
+    for file in sorted(path.glob("*.json")):
+        # Tokenizer and processor configs can ask for remote code too, not only config.json.
+        try:
+            asks = isinstance(data := json.loads(file.read_text()), dict) and bool(data.get("auto_map"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            problems.append(f"{file.name} is not valid JSON: {error}")
+            continue
+        if asks:
+            problems.append(f"{file.name} asks for remote code (auto_map); tinymod never sets trust_remote_code")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:

@@ -260,8 +260,11 @@ def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
-    """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays)."""
-    for name, value in terms.items():
+    """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays).
+
+    The total (``loss``) is checked last: a bad term makes it bad too, and the term is the news.
+    """
+    for name, value in sorted(terms.items(), key=lambda item: item[0] == "loss"):
         if not torch.isfinite(value).all():
             raise FloatingPointError(
                 f"step {step}: loss term {name!r} is {float(value)}; stopping before the step is applied "
@@ -476,14 +479,14 @@ class TrainingRecipe:
         seconds = time.time() - started
         dist.barrier()
         trained = self.steps - self.start_step
-        return {
-            "steps": self.steps,
-            "resumed_at": self.start_step,
-            "seconds": round(seconds, 2),
+        rates = {
             "samples_per_second": round(trained * self.batch_size / max(seconds, 1e-9), 2),
             "tokens_per_second": round(tokens * self.world / max(seconds, 1e-9), 1),
-            **self.counts,
         }
+        if not trained:  # killed after the last checkpoint: the attempt that trained the steps measured them
+            last = json.loads((self.run_dir / "history.jsonl").read_text().splitlines()[-1])  # the final step always logs
+            rates = {name: round(last[name], 2) for name in rates}
+        return {"steps": self.steps, "resumed_at": self.start_step, "seconds": round(seconds, 2), **rates, **self.counts}
 
     def _history(self):
         """The per-step log, cut back to the resumed step so a resumed run leaves no duplicate rows."""

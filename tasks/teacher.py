@@ -125,7 +125,7 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     check_world(params, source)
     tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", ".*"))
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "*.py", ".*"))
     shutil.rmtree(paths.teacher, ignore_errors=True)
     tmp.rename(paths.teacher)
     model = load_llava(paths.teacher)

@@ -97,5 +97,8 @@ def test_a_nan_or_inf_term_stops_training_naming_step_and_term():
     check_finite({"loss": torch.tensor(1.0), "ce": torch.tensor(0.5)}, step=3)
     with pytest.raises(FloatingPointError, match=r"step 7: loss term 'kl_visual' is nan"):
         check_finite({"loss": torch.tensor(1.0), "kl_visual": torch.tensor(float("nan"))}, step=7)
+    # As the objective returns them: the total first, already NaN through the bad term.
+    with pytest.raises(FloatingPointError, match=r"loss term 'relation' is nan"):
+        check_finite({"loss": torch.tensor(float("nan")), "ce": torch.tensor(0.5), "relation": torch.tensor(float("nan"))}, step=2)
     with pytest.raises(FloatingPointError, match="'ce' is inf"):
         check_finite({"ce": torch.tensor(float("inf"))}, step=1)

@@ -58,6 +58,16 @@ def test_remote_code_and_wrong_architecture_are_refused(checkpoint):
     assert "remote code" in str(info.value) and "model_type is 'qwen2'" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "processor_config.json"])
+def test_remote_code_asked_by_any_config_is_refused(checkpoint, name):
+    file = checkpoint / name
+    data = json.loads(file.read_text()) if file.exists() else {}
+    file.write_text(json.dumps({**data, "auto_map": {"AutoTokenizer": ["evil.Tokenizer", None]}}))
+    (checkpoint / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(CheckpointError, match=rf"{name} asks for remote code"):
+        validate_checkpoint(checkpoint)
+
+
 def test_a_different_vocabulary_names_both_sizes(checkpoint):
     other = train_tokenizer(["completely different words here"] * 30, vocab_size=310)
     with pytest.raises(CheckpointError, match=r"student tokenizer \(models/tokenizer\) has \d+ tokens, teacher .* has \d+"):
