@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
@@ -65,9 +66,27 @@ class Paths(Section):
     """Resumable training state (DeepSpeed checkpoints). Git- and DVC-ignored; kept across crashes."""
 
 
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
 class Tracking(Section):
     uri: str = "sqlite:///.mlflow/mlflow.db"
     """MLflow tracking and registry URI: a local SQLite file (default) or a server, e.g. http://127.0.0.1:5000."""
+
+    @field_validator("uri")
+    @classmethod
+    def _a_uri_mlflow_can_open(cls, uri: str) -> str:
+        if uri == "databricks":
+            return uri
+        scheme, sep, rest = uri.partition(":")
+        scheme = scheme.split("+")[0]  # postgresql+psycopg2://...
+        if not sep or scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"{uri!r} is not an MLflow URI: use sqlite:///path.db, http(s)://host:port, file:/path or a database URL ({', '.join(TRACKING_SCHEMES)})")
+        if scheme == "sqlite" and not (rest.startswith("///") and len(rest) > 3):
+            raise ValueError(f"{uri!r}: a SQLite URI is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        if scheme in ("http", "https") and not re.match(r"^//[^/\s:]+(:\d+)?(/\S*)?$", rest):
+            raise ValueError(f"{uri!r}: a server URI is {scheme}://host[:port][/path]")
+        return uri
     artifact_location: str = ".mlflow/artifacts"
     """Where runs of a new experiment store artifacts: a local folder (relative to the repo) or s3://bucket/prefix."""
     experiment: str = "tinymod"
@@ -513,11 +532,32 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, line: int):
+        super().__init__(f"key {key!r} is given twice (lines {first_line} and {line}); YAML would silently keep the last")
+        self.key = key
+
+
 def read_params_file(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise ParamsError([Problem(str(path), "file not found")]) from None
+    except DuplicateKey as error:
+        raise ParamsError([Problem(str(error.key), str(error), str(path))]) from None
     except yaml.YAMLError as error:
         raise ParamsError([Problem(str(path), f"not valid YAML: {error}")]) from None
     if data is None:
@@ -594,6 +634,13 @@ def _cross_checks(p: Params) -> list[Problem]:
     """Problems no single field can see: sizes that must agree, names that must exist."""
     problems: list[Problem] = []
     world, vision = p.curate.world, p.teacher.vision
+    for i, source in enumerate(p.curate.sources):
+        # Paths are relative to where the stage runs: the repository root.
+        if source.kind != "world" and not Path(source.path).is_file():
+            problems.append(Problem(f"curate.sources[{i}].path", f"{source.path}: no such file"))
+        needs_root = source.kind == "llava_json" or (source.kind == "preference" and not source.path.endswith(".parquet"))
+        if needs_root and not Path(source.image_root).is_dir():
+            problems.append(Problem(f"curate.sources[{i}].image_root", f"{source.image_root}: no such folder"))
     shapes = set(world.shapes)
     for i, shape in enumerate(world.shapes):
         if shape not in SHAPES_DRAWN:
@@ -699,27 +746,61 @@ def _cross_checks(p: Params) -> list[Problem]:
     return problems
 
 
-def load_layers(params: dict, root: Path, name: str = "params.yaml") -> list[tuple[str, dict]]:
+class Layers(list):
+    """``(file name, mapping)`` pairs, lowest priority first, and the problems met reading them.
+
+    A recipe or preset that cannot be read is a problem reported with all the others, not alone.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.problems: list[Problem] = []
+
+
+def load_layers(params: dict, root: Path, name: str = "params.yaml") -> Layers:
     """The mappings that make up ``params``' resolved values, lowest priority first, each with its file name."""
-    layers: list[tuple[str, dict]] = []
+    layers = Layers()
     recipe = params.get("recipe", Params.model_fields["recipe"].default)
     preset = params.get("preset", Params.model_fields["preset"].default)
     if isinstance(recipe, str):
-        layers.append((f"recipes/{recipe}.yaml", _read_layer(root / "recipes" / f"{recipe}.yaml", "recipe", recipe)))
+        layers.append((f"recipes/{recipe}.yaml", _read_layer(root / "recipes" / f"{recipe}.yaml", "recipe", recipe, layers.problems)))
     layers.append((name, params))
     if isinstance(preset, str):
-        layers.append((f"presets/{preset}.yaml", _read_layer(root / "presets" / f"{preset}.yaml", "preset", preset)))
+        layers.append((f"presets/{preset}.yaml", _read_layer(root / "presets" / f"{preset}.yaml", "preset", preset, layers.problems)))
     return layers
 
 
-def _read_layer(path: Path, key: str, name: str) -> dict:
+def _read_layer(path: Path, key: str, name: str, problems: list[Problem]) -> dict:
     if not path.exists() and (REPO / path.parent.name / path.name).exists():
         path = REPO / path.parent.name / path.name  # a params file outside the repo uses the repo's recipes
     if not path.exists():
         folders = {path.parent, REPO / path.parent.name}
         available = sorted({q.stem for folder in folders for q in folder.glob("*.yaml")})
-        raise ParamsError([Problem(key, f"{name!r} has no file {path}; available: {', '.join(available) or 'none'}")])
-    return read_params_file(path)
+        problems.append(Problem(key, f"{name!r} has no file {path}; available: {', '.join(available) or 'none'}"))
+        return {}
+    try:
+        return read_params_file(path)
+    except ParamsError as error:
+        problems.extend(error.problems)
+        return {}
+
+
+def _masked(layers: list[tuple[str, dict]]) -> list[Problem]:
+    """Bad values in the files below the preset: the preset overrides them today, but they are still wrong."""
+    if len(layers) < 2 or not layers[-1][0].startswith("presets/"):
+        return []
+    below = layers[:-1]
+    merged: dict = Params().model_dump(mode="json")
+    for _, data in below:
+        merged = deep_merge(merged, data)
+    try:
+        Params.model_validate(merged)
+    except ValidationError as error:
+        found = [_problem_from_error(e, below) for e in error.errors() if e["loc"]]
+        preset = layers[-1][0]
+        # Keys the preset does not set are reported by the full validation already.
+        return [Problem(p.key, f"{p.message} (masked by {preset}, which sets this key, but wrong here)", p.origin) for p in found if origin(p.key, layers) == preset]
+    return []
 
 
 def resolve(layers: list[tuple[str, dict]]) -> Params:
@@ -727,11 +808,17 @@ def resolve(layers: list[tuple[str, dict]]) -> Params:
     merged: dict = Params().model_dump(mode="json")
     for _, data in layers:
         merged = deep_merge(merged, data)
+    first = [*getattr(layers, "problems", []), *_masked(layers)]
     try:
-        return _checked(Params.model_validate(merged), layers)
+        params = _checked(Params.model_validate(merged), layers)
+        if first:
+            raise ParamsError(first)
+        return params
+    except ParamsError as cross:
+        raise ParamsError(first + [p for p in cross.problems if p not in first]) from None
     except ValidationError as error:
         field_error = error
-    problems = [_problem_from_error(e, layers) for e in field_error.errors()]
+    problems = first + [_problem_from_error(e, layers) for e in field_error.errors()]
     # Report cross-field problems too: check again with every bad key back at its default
     # (twice more at most, as removing an item can empty a list that must not be empty).
     for _ in range(3):

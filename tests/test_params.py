@@ -117,3 +117,44 @@ def test_a_world_the_shipped_teacher_never_saw_fails_validation(tmp_path, monkey
     problem = next(p for p in info.value.problems if p.key == "curate.world.hallucination_rate")
     assert "trained on 0.8" in problem.message and "teacher.source: train" in problem.message
     load_params(write_params(tmp_path, {"teacher": {"source": "teachers/embedded"}}))  # the world it saw passes
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\nmimic_dense:\n  steps: 10\n  lr: 0.001\n  steps: 20\n")
+    with pytest.raises(ParamsError, match=r"key 'steps' is given twice \(lines 3 and 5\)"):
+        load_params(path)
+
+
+def test_an_unknown_preset_is_reported_with_every_other_problem(tmp_path):
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"preset": "nope", "recipe": "nada", "upcycle": {"top_k": 0}, "tracking": {"uri": "sqlite:/x.db"}}))
+    keys = {p.key for p in info.value.problems}
+    assert {"preset", "recipe", "upcycle.top_k", "tracking.uri"} <= keys
+
+
+def test_a_bad_value_a_preset_masks_is_still_reported(tmp_path):
+    # presets/ci.yaml sets mimic_dense.steps; the value underneath is still checked.
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"preset": "ci", "mimic_dense": {"steps": "many"}}))
+    problem = next(p for p in info.value.problems if p.key == "mimic_dense.steps")
+    assert "masked by presets/ci.yaml" in problem.message and problem.origin == "params.yaml"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:/x.db", "sqlite://", "htp://localhost:5000", "http//localhost:5000", "http://", "mlflow.db"])
+def test_a_malformed_tracking_uri_is_refused(tmp_path, uri):
+    with pytest.raises(ParamsError, match=r"tracking.uri"):
+        load_params(write_params(tmp_path, {"tracking": {"uri": uri}}))
+
+
+def test_good_tracking_uris_pass(tmp_path):
+    for uri in ("sqlite:///.mlflow/mlflow.db", "sqlite:////tmp/m.db", "http://127.0.0.1:5000", "https://mlflow.example.com/x", "postgresql+psycopg2://u@h/db", "databricks"):
+        load_params(write_params(tmp_path, {"tracking": {"uri": uri}}))
+
+
+def test_missing_source_files_are_named_before_any_work(tmp_path):
+    sources = [{"kind": "world"}, {"kind": "llava_json", "path": str(tmp_path / "nope.json"), "image_root": str(tmp_path / "nowhere"), "split": "general"}]
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"curate": {"sources": sources}}))
+    keys = {p.key for p in info.value.problems}
+    assert {"curate.sources[1].path", "curate.sources[1].image_root"} <= keys
