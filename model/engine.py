@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model.builders import load_llava, save_checkpoint
+from model.lifetime import die_with_parent
 from model.data import Collator, ConversationDataset, PreferenceDataset, subsample
 from model.losses import (
     chunked_response_losses,
@@ -527,6 +528,9 @@ class TrainingRecipe:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    die_with_parent(signal.SIGKILL)  # a rank outliving torchrun has no one to report to
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: torchrun [...] -m model.engine JOB.json  (written by a stage's main; see tasks/training.py)", file=sys.stderr)

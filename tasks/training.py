@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.lifetime import die_with_parent
 from tasks import tracking
 from tasks.common import StageFailure, StagePaths, read_jsonl, write_json
 from tasks.params import REPO, Params, TrainingParams
@@ -206,7 +208,10 @@ class RunningJob:
         self.command = launch_command(spec_path, section)
         self.log_path = log_path
         self.tail: deque[bytes] = deque()
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        # torchrun dies with the stage (SIGTERM: it stops its ranks, which also die with it).
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM)
+        )
         self.reader = threading.Thread(target=self._stream, daemon=True)
         self.reader.start()
 

@@ -96,6 +96,19 @@ def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, m
     assert "mimic_dense failed" in err and "exited with code" in err and "last lines of" in err
 
 
+def ranks_running_in(root: Path) -> list[int]:
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            if "model.engine" in (proc.info["cmdline"] or []) and proc.info["cwd"] == str(root) and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
 def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_weights(project, tmp_path):
     """Kill the job with SIGKILL after a checkpoint, re-run the stage: the pipeline's uninterrupted weights."""
     root = copy_inputs(project, tmp_path / "resume", "data/curated", "models/teacher", "models/student_align")
@@ -110,6 +123,11 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_weights(project, tmp_p
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    # The ranks run in sessions of their own: they must die with the stage, not race the re-run.
+    deadline = time.time() + 10
+    while alive := ranks_running_in(root):
+        assert time.time() < deadline, f"rank workers outlived the killed stage: {alive}"
+        time.sleep(0.2)
     assert not (root / "models/student_dense/model.safetensors").exists(), "killed before the end"
     assert not json.loads((root / ".cache/runs/mimic_dense/state.json").read_text()).get("finished")
 
