@@ -734,6 +734,14 @@ def _cross_checks(p: Params) -> list[Problem]:
         moe_only = {"experts", "router", "shared_expert"} & set(stage.modules)
         if name in ("teacher.train", "align", "mimic_dense") and moe_only:
             problems.append(Problem(f"{name}.modules", f"{', '.join(sorted(moe_only))} exist only after upcycling"))
+        if name in ("mimic_sparse", "preference") and stage.zero_stage == 3 and stage.world_size > 1:
+            problems.append(
+                Problem(
+                    f"{name}.zero_stage",
+                    "ZeRO-3 over several ranks fails on the MoE student's fused expert weights (DeepSpeed's partition_parameters: "
+                    "'expected a non-empty list of Tensors'); use zero_stage: 2 (optimizer states and gradients sharded) or world_size: 1",
+                )
+            )
     for term in ("ce", "kl_response", "kl_visual", "relation"):
         if getattr(p.preference.loss, term):
             problems.append(

@@ -158,3 +158,10 @@ def test_missing_source_files_are_named_before_any_work(tmp_path):
         load_params(write_params(tmp_path, {"curate": {"sources": sources}}))
     keys = {p.key for p in info.value.problems}
     assert {"curate.sources[1].path", "curate.sources[1].image_root"} <= keys
+
+
+def test_zero3_over_several_ranks_is_refused_for_the_moe_stages(tmp_path):
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"mimic_sparse": {"zero_stage": 3, "world_size": 2}, "mimic_dense": {"zero_stage": 3, "world_size": 2}}))
+    keys = {p.key for p in info.value.problems}
+    assert "mimic_sparse.zero_stage" in keys and "mimic_dense.zero_stage" not in keys
