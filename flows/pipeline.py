@@ -38,6 +38,7 @@ TRANSIENT_MARKERS = (
     "Could not connect to the endpoint",
     "Temporary failure in name resolution",
     "Read timed out",
+    "service unreachable",  # tinymod's own line for a dead MLflow or S3 endpoint
 )
 LOG_TAIL = 4000
 

@@ -94,6 +94,13 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
     except (ParamsError, StageFailure, CheckpointError, UpcycleError, S3Error) as error:
         print(f"{name} failed: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        # A service that fails mid-stage (MLflow, S3): one line naming it, not a traceback.
+        service = {"mlflow": "MLflow (tracking.uri)", "botocore": "S3", "boto3": "S3"}.get(type(error).__module__.split(".")[0])
+        if service is None:
+            raise
+        print(f"{name} failed: {service} error (service unreachable or refusing): {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     if summary is not None:
         print(f"{name}: {summary(metrics)}")
     return 0

@@ -60,6 +60,7 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
 
     e = params.evaluate
     _check_inputs(params, paths)
+    tracking.client(params)  # a dead tracking server fails now, not after the evaluation
     os.environ["TINYMOD_CURATED"] = str(paths.curated)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(not t.startswith("tinymod_") for t in e.tasks))
     unknown = [t for t in e.tasks if t not in manager.all_tasks]

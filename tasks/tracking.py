@@ -48,10 +48,43 @@ def client(params: Params, root: Path = Path(".")):
     return _client(tracking_uri(tracking, root), tracking.experiment, artifact_location(tracking, root))
 
 
+def check_server(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
+    """An http(s) tracking server answers, or TrackingError after ``attempts`` tries with backoff.
+
+    MLflow's own client retries a dead server for minutes before a traceback; this says which
+    server, what was tried for how long, and what to do, before the stage's work starts.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    started, reason = time.time(), ""
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                return
+        except urllib.error.HTTPError as error:
+            if error.code < 500:  # it answers: a proxy or an older server without /health
+                return
+            reason = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = str(getattr(error, "reason", error))
+        if attempt < attempts:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable (service unreachable: {attempts} attempts over "
+        f"{time.time() - started:.0f} s, last: {reason}). Start it (mlflow server --port ...) or point "
+        "tracking.uri at a running one; a Prefect flow run retries the stage."
+    )
+
+
 @functools.cache
 def _client(uri: str, experiment_name: str, artifacts: str):
     # Opening a store costs seconds (imports, schema check): once per process and store.
     from mlflow.tracking import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
 
     mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = mlflow_client.get_experiment_by_name(experiment_name)

@@ -163,3 +163,19 @@ def test_a_changed_artifact_location_is_refused_not_ignored(tmp_path):
     with pytest.raises(tracking.TrackingError, match=r"stores artifacts in file://.*but tracking.artifact_location is s3://bucket/mlflow.*new name"):
         tracking.client(on_s3, tmp_path)
     assert tracking.client(local, tmp_path)[1] == experiment_id
+
+
+def test_a_dead_tracking_server_fails_fast_with_one_clear_line(tmp_path, monkeypatch, capsys):
+    from tasks import evaluate
+
+    from .conftest import write_params
+
+    write_params(tmp_path, {"tracking": {"uri": "http://127.0.0.1:9"}})  # discard port: nothing listens
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "_check_inputs", lambda params, paths: None)
+    started = time.time()
+    assert evaluate.main(["--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert time.time() - started < 30, "fails in seconds, not after MLflow's minutes of retries"
+    assert "MLflow tracking server http://127.0.0.1:9 is unreachable" in err and "3 attempts" in err and "tracking.uri" in err
+    assert "Traceback" not in err
