@@ -76,7 +76,6 @@ def register(params: Params, paths: StagePaths) -> dict:
     checks = gate_checks(student, teacher, r.gate)
     passed = all(c["passed"] for c in checks)
     weights_hash = files_sha256(weights)
-    review = write_review(params, paths, scores, checks)
 
     client, experiment_id = tracking.client(params)
     artifacts = client.get_experiment(experiment_id).artifact_location
@@ -88,7 +87,7 @@ def register(params: Params, paths: StagePaths) -> dict:
         version = existing[0]
         print(f"register: {checkpoint} is already version {version.version} of {name}; no new version", flush=True)
     else:
-        version = _new_version(params, paths, client, checkpoint, weights_hash, review, scores[r.model])
+        version = _new_version(params, paths, client, checkpoint, weights_hash, scores[r.model])
     client.set_registered_model_alias(name, "candidate", version.version)
     verdict = "; ".join(f"{'pass' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']} vs {c['bound']})" for c in checks)
     client.set_model_version_tag(name, version.version, "tinymod.gate", "passed" if passed else "failed")
@@ -99,6 +98,11 @@ def register(params: Params, paths: StagePaths) -> dict:
         client.set_model_version_tag(name, version.version, "tinymod.champion_reason", f"gate passed: {verdict}")
     elif passed and r.promote:
         client.set_model_version_tag(name, version.version, "tinymod.awaiting_approval", "true")
+    aliases = ["candidate", *(["champion"] if promoted else [])]
+    review = write_review(params, paths, scores, checks, registry_state(client, name, version.version, aliases))
+    # The card is what a reviewer reads in the registry: the version's description and an artifact of its run.
+    client.update_model_version(name, version.version, description=review.read_text(encoding="utf-8"))
+    client.log_artifact(version.run_id, str(review), artifact_path="review")
     metrics = {
         "model_name": name,
         "version": int(version.version),
@@ -126,14 +130,14 @@ def promote(params: Params, paths: StagePaths, note: str = "") -> dict:
     return {"model_name": name, "version": int(version.version), "new_version": False, "champion": True, "awaiting_approval": False}
 
 
-def _new_version(params: Params, paths: StagePaths, client, checkpoint: Path, weights_hash: str, review: Path, student_scores: dict):
+def _new_version(params: Params, paths: StagePaths, client, checkpoint: Path, weights_hash: str, student_scores: dict):
     """Log the checkpoint and review as a run's artifacts, then the version; on failure nothing half-registered stays."""
     from mlflow.entities import RunTag
 
     run_id = tracking.start_stage_run(params, "register", params.register.model_dump(mode="json"))
     try:
         client.log_artifacts(run_id, str(checkpoint), artifact_path="model")
-        for path in (review, paths.metrics / "eval.json", paths.reports / "data_card.md", *sorted(paths.plots.glob("eval_*.png"))):
+        for path in (paths.metrics / "eval.json", paths.reports / "data_card.md", *sorted(paths.plots.glob("eval_*.png"))):
             if path.exists():
                 client.log_artifact(run_id, str(path), artifact_path="review")
         tags = lineage_tags(params, paths, weights_hash)
@@ -172,14 +176,39 @@ def lineage_tags(params: Params, paths: StagePaths, weights_hash: str) -> dict[s
     }
 
 
-def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[dict]) -> Path:
-    """The review card: teacher vs student with deltas, the gate, parameters, training time, data."""
+def registry_state(client, name: str, version: str, aliases: list[str]) -> dict:
+    """This version, the aliases it got, and where ``champion`` points now (None: no champion yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, "champion").version
+    except MlflowException:
+        champion = None
+    return {"name": name, "version": version, "aliases": aliases, "champion": champion}
+
+
+def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[dict], registry: dict) -> Path:
+    """The review card: the registry's verdict, teacher vs student with deltas, the gate, parameters, training time, data."""
     r = params.register
     student, teacher = scores[r.model], scores["teacher"]
     s, t = headline(student), headline(teacher)
+    failed = [c for c in checks if not c["passed"]]
+    champion = f"version {registry['champion']}" if registry["champion"] else "no version yet"
     lines = [
         f"# Review: {r.model_name} ({r.model} student, recipe {params.recipe})",
         "",
+        f"Version {registry['version']}, aliases: {', '.join('@' + a for a in registry['aliases'])}. `champion` points to {champion}.",
+        (
+            f"The gate failed {len(failed)} of {len(checks)} checks ({', '.join(c['check'] for c in failed)}): this version stays "
+            "`@candidate`, and `python -m tasks.register promote` refuses it. Improve the student, or change `register.gate` "
+            "if its bounds are wrong, then `dvc repro register`."
+            if failed
+            else "The gate passed."
+            + ("" if "champion" in registry["aliases"] else " After review: `python -m tasks.register promote --note \"...\"`.")
+        ),
+        "",
+        "| metric | teacher | student | delta |",
+        "|---|---:|---:|---:|",
         "| metric | teacher | student | delta |",
         "|---|---:|---:|---:|",
     ]
@@ -215,8 +244,10 @@ def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[d
     lines += [f"| all | | {total:.0f} | | |", "", "## Data", ""]
     card = paths.reports / "data_card.md"
     if card.exists():
-        summary = [line for line in card.read_text().splitlines()[1:8] if line.strip()]
-        lines += summary
+        # The data card's summary and per-split table: everything before its first section.
+        body = card.read_text(encoding="utf-8").splitlines()[1:]
+        end = next((i for i, line in enumerate(body) if line.startswith("## ")), len(body))
+        lines += [line for line in body[:end] if line.strip()]
     lines += ["", "![headline metrics](plots/eval_metrics.png)", "", "![POPE per split](plots/eval_pope.png)", ""]
     out = paths.reports / "review.md"
     out.write_text("\n".join(lines), encoding="utf-8")
@@ -224,9 +255,20 @@ def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[d
 
 
 def summary(metrics: dict) -> str:
-    state = "champion" if metrics["champion"] else ("awaiting approval" if metrics["awaiting_approval"] else "candidate (gate failed)")
     new = "new version" if metrics["new_version"] else "existing version"
-    return f"{metrics['model_name']} {new} {metrics['version']} is {state}"
+    head = f"{metrics['model_name']} {new} {metrics['version']}"
+    if metrics.get("champion"):
+        return f"{head} is @champion (gate passed)"
+    if metrics.get("awaiting_approval"):
+        return f"{head} passed the gate and is @candidate awaiting approval: review reports/review.md, then python -m tasks.register promote --note \"...\""
+    failed = [c for c in metrics["checks"] if not c["passed"]]
+    if not failed:
+        return f"{head} passed the gate and is @candidate (register.promote is off)"
+    reasons = "; ".join(f"{c['check']}: {c['value']} vs {c['bound']}" for c in failed)
+    return (
+        f"{head} is @candidate: the gate FAILED {len(failed)} of {len(metrics['checks'])} checks ({reasons}). "
+        "promote refuses it; see reports/review.md (also the version's description in the MLflow registry)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

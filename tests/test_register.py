@@ -1,7 +1,7 @@
 """The promotion gate on hand-made scores: each check can fail on its own."""
 
 from tasks.params import GateParams
-from tasks.register import gate_checks
+from tasks.register import gate_checks, summary
 
 TEACHER = {"POPE F1 adv": 0.60, "VQA acc": 0.70, "CHAIR-i": 0.10, "object recall": 0.90}
 
@@ -23,3 +23,10 @@ def test_each_bound_is_its_own_check():
     assert failed({**TEACHER, "POPE F1 adv": 0.50}) == ["POPE adversarial F1 >= teacher - delta"]
     assert failed({**TEACHER, "VQA acc": 0.40}) == ["VQA accuracy >= floor"]
     assert failed({**TEACHER, "CHAIR-i": 0.15}) == ["CHAIR-i <= teacher + margin"]
+
+
+def test_a_failed_gate_says_which_checks_failed_and_what_promote_does():
+    checks = gate_checks({**TEACHER, "VQA acc": 0.1}, TEACHER, GateParams())
+    line = summary({"model_name": "tinymod-student", "version": 3, "new_version": True, "champion": False, "awaiting_approval": False, "checks": checks})
+    assert "version 3 is @candidate: the gate FAILED 1 of 4 checks (VQA accuracy >= floor: 0.1 vs 0.5)" in line
+    assert "promote refuses it" in line and "reports/review.md" in line
