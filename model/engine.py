@@ -82,6 +82,9 @@ def select_trainable(model: torch.nn.Module, modules: list[str]) -> dict[str, in
     """Freeze everything, then unfreeze ``modules``; returns trainable / total counts per module.
 
     Raises ValueError naming the modules that matched no parameter (``experts`` on a dense model).
+    On an upcycled model, ``mlp`` (the FFNs of the layers that stayed dense) and ``shared_expert``
+    may match nothing: with ``upcycle.layers: all`` no dense FFN is left, and without
+    ``upcycle.shared_expert`` there is none; the recipes list both for the students that have them.
     """
     model.requires_grad_(False)
     moe_layers = {n.split(".mlp.")[0] for n, _ in model.named_parameters() if ".mlp.experts." in n}
@@ -91,7 +94,7 @@ def select_trainable(model: torch.nn.Module, modules: list[str]) -> dict[str, in
         for module in set(modules) & owners:
             param.requires_grad_(True)
             matched[module] += param.numel()
-    missing = [m for m in modules if not matched.get(m)]
+    missing = [m for m in modules if not matched.get(m) and not (moe_layers and m in ("mlp", "shared_expert"))]
     if missing:
         raise ValueError(f"modules {missing} match no parameter of this model; nothing of them can train")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -217,9 +220,11 @@ class Objective(torch.nn.Module):
         pairs = ids.shape[0] // 2
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
         reference = batch["reference_logps"]  # [B, 2], computed once per pair at setup
+        lengths = next_token_targets(labels)[0].sum(-1)  # response tokens per row
         out = preference_loss(
-            policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.dpo["beta"], self.dpo["loss_type"]
-        )
+            policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.dpo["beta"], self.dpo["loss_type"],
+            chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
+        )  # fmt: skip
         terms = {"dpo": out.losses.mean()}
         if self.dpo.get("sft_weight"):
             response, targets = next_token_targets(labels[:pairs])

@@ -238,25 +238,36 @@ def preference_loss(
     reference_rejected: torch.Tensor,
     beta: float,
     loss_type: str = "sigmoid",
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> PreferenceLoss:
-    """The DPO family on summed response log-probabilities (LLaVA-MoD preference distillation).
+    """The DPO family on response log-probabilities (LLaVA-MoD preference distillation).
 
     With ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``:
 
-    - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta * h)``.
-    - ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``.
-    - ``kto_pair`` (TRL's paired KTO, used by LLaVA-MoD's scripts): with batch KL estimates
-      ``z_w = clamp(mean(log pi(y_w) - log pi_ref(y_w)), 0)`` and ``z_l`` likewise,
-      ``(1 - sigmoid(beta (r_w - z_l)) + 1 - sigmoid(beta (z_w - r_l))) / 2`` per pair, where
-      ``r = log pi - log pi_ref``. The KL estimates carry no gradient.
+    - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta * h)``, on summed log-probs.
+    - ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2`` on length-normalised log-probs (each
+      divided by its response's token count), as TRL computes it: the ``1 / (2 beta)`` target is
+      defined on that per-token scale, where summed log-probs would make it depend on length.
+    - ``kto_pair`` (TRL's paired KTO in DPOTrainer, which LLaVA-MoD's scripts run): with batch KL
+      estimates ``z_w = clamp(mean(r_w), 0)`` and ``z_l = clamp(mean(r_l), 0)``, ``r = log pi - log pi_ref``
+      (summed), ``(1 - sigmoid(beta (r_w - z_l)) + 1 - sigmoid(beta (z_w - r_l))) / 2`` per pair. As in
+      TRL, the KL estimates are not detached: gradient flows through them (the KTO paper's own
+      trainer stops it; LLaVA-MoD used TRL's).
 
     Args:
         policy_chosen, policy_rejected, reference_chosen, reference_rejected: ``[B]`` summed log-probs.
         beta: ``> 0``.
         loss_type: ``sigmoid``, ``ipo`` or ``kto_pair``.
+        chosen_lengths, rejected_lengths: ``[B]`` response token counts; needed by ``ipo``.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo needs chosen_lengths and rejected_lengths (response token counts) to normalise the log-probs")
+        policy_chosen, reference_chosen = policy_chosen / chosen_lengths.clamp(min=1), reference_chosen / chosen_lengths.clamp(min=1)
+        policy_rejected, reference_rejected = policy_rejected / rejected_lengths.clamp(min=1), reference_rejected / rejected_lengths.clamp(min=1)
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     h = chosen_ratio - rejected_ratio
@@ -265,8 +276,8 @@ def preference_loss(
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "kto_pair":
-        chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
-        rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+        chosen_kl = chosen_ratio.mean().clamp(min=0)
+        rejected_kl = rejected_ratio.mean().clamp(min=0)
         losses = (1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)) + 1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))) / 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or kto_pair")

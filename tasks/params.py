@@ -705,6 +705,16 @@ def _cross_checks(p: Params) -> list[Problem]:
                 problems.append(Problem(f"upcycle.layers[{i}]", f"layer {layer} does not exist: the student has {n} layers (0..{n - 1})"))
     if up.shared_expert and p.align.student.llm == "init" and p.align.student.text.family == "qwen3":
         problems.append(Problem("upcycle.shared_expert", "Qwen3-MoE has no shared expert; use align.student.text.family: qwen2"))
+    if up.shared_expert and not any(
+        {"shared_expert", "llm"} & set(section.modules) for section in (p.mimic_sparse, p.preference)
+    ):
+        problems.append(
+            Problem(
+                "upcycle.shared_expert",
+                "no stage after upcycling trains the shared expert, which starts at zero output and would stay there; "
+                "add shared_expert to mimic_sparse.modules",
+            )
+        )
     stages: list[tuple[str, TrainingParams]] = [("teacher.train", p.teacher.train)] + [
         (name, getattr(p, name)) for name in TRAINING_STAGES
     ]

@@ -48,6 +48,19 @@ def test_select_trainable_freezes_the_rest_and_refuses_what_is_not_there(tiny_ll
     assert not any("self_attn" in n or "vision_tower" in n for n in names)
 
 
+def test_the_recipes_modules_fit_every_upcycled_layout(tiny_llava):
+    """llava-mod's mimic_sparse modules: `layers: all` leaves no dense mlp, and a shared expert trains."""
+    modules = ["projector", "experts", "router", "shared_expert", "mlp"]
+    everything = upcycle(tiny_llava, UpcycleParams(num_experts=2, top_k=1, layers="all"))
+    select_trainable(everything, modules)  # no dense FFN left and no shared expert: not an error
+    shared = upcycle(tiny_llava, UpcycleParams(num_experts=2, top_k=1, shared_expert=True))
+    counts = select_trainable(shared, modules)
+    trained = {n for n, p in shared.named_parameters() if p.requires_grad}
+    assert counts["shared_expert"] > 0 and any(".mlp.shared_expert." in n for n in trained)
+    with pytest.raises(ValueError, match="experts"):
+        select_trainable(tiny_llava, modules)  # before upcycling, experts are still an error
+
+
 def batch_with_labels(model, tokenizer) -> dict:
     batch = inputs(model, tokenizer, batch=2)
     labels = torch.full_like(batch["input_ids"], -100)

@@ -123,8 +123,6 @@ def test_sequence_logprobs_by_hand():
     [
         # h = (-1 - -2) - (-3 - -2) = 2, beta = 0.5: -log sigmoid(1) = log(1 + e^-1) = 0.3132617
         ("sigmoid", 0.3132617),
-        # (h - 1 / (2 beta))^2 = (2 - 1)^2 = 1
-        ("ipo", 1.0),
         # r_w = 1, r_l = -1, z_w = 1, z_l = 0: (1 - sigmoid(0.5) + 1 - sigmoid(1)) / 2 = (0.3775407 + 0.2689414) / 2
         ("kto_pair", 0.3232411),
     ],
@@ -134,6 +132,32 @@ def test_preference_losses_by_hand(loss_type, expected):
     out = L.preference_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.5, loss_type=loss_type)
     assert out.losses.item() == pytest.approx(expected, abs=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(0.5) and out.rejected_rewards.item() == pytest.approx(-0.5)
+
+
+def test_ipo_is_on_length_normalised_log_probs():
+    t = torch.tensor
+    # Chosen: 4 tokens, log-probs -4 (policy) / -8 (reference) -> per token -1 / -2, ratio +1.
+    # Rejected: 2 tokens, -6 / -4 -> -3 / -2, ratio -1. h = 2; beta = 0.5: (2 - 1)^2 = 1.
+    out = L.preference_loss(t([-4.0]), t([-6.0]), t([-8.0]), t([-4.0]), beta=0.5, loss_type="ipo", chosen_lengths=t([4]), rejected_lengths=t([2]))
+    assert out.losses.item() == pytest.approx(1.0, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.5) and out.rejected_rewards.item() == pytest.approx(-0.5)
+    # Summed, the same pair would give h = 4 - -2 = 6 and (6 - 1)^2 = 25: the target 1/(2 beta) would mean nothing.
+    with pytest.raises(ValueError, match="ipo needs chosen_lengths"):
+        L.preference_loss(t([-4.0]), t([-6.0]), t([-8.0]), t([-4.0]), beta=0.5, loss_type="ipo")
+
+
+def test_kto_pair_gradient_flows_through_the_kl_estimates_as_in_trl():
+    t = torch.tensor
+    beta = 0.5
+    chosen = t([-1.0], requires_grad=True)
+    rejected = t([-3.0], requires_grad=True)
+    L.preference_loss(chosen, rejected, t([-2.0]), t([-2.0]), beta=beta, loss_type="kto_pair").losses.sum().backward()
+    # r_w = 1 (z_w = 1, it depends on r_w), r_l = -1 (z_l = 0, clamped: no gradient).
+    # loss = (1 - s(b (r_w - 0)) + 1 - s(b (r_w - r_l))) / 2, so
+    # d/dr_w = -(b s'(b) + b s'(2b)) / 2 and d/dr_l = b s'(2b) / 2, with s' = s (1 - s).
+    ds = lambda x: torch.sigmoid(t(x)) * (1 - torch.sigmoid(t(x)))  # noqa: E731
+    assert chosen.grad.item() == pytest.approx((-(beta * ds(beta) + beta * ds(2 * beta)) / 2).item(), abs=1e-6)  # detached z_w: -b s'(b) / 2
+    assert rejected.grad.item() == pytest.approx((beta * ds(2 * beta) / 2).item(), abs=1e-6)
 
 
 def test_bad_hyperparameters_are_refused():

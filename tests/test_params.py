@@ -28,7 +28,7 @@ def test_llava_mod_recipe_is_the_default():
     assert mod.recipe == "llava-mod"
     assert mod.align.modules == ["projector"] and mod.align.loss.ce == 1 and mod.align.loss.kl_visual == 0
     assert mod.mimic_dense.loss.kl_response > 0
-    assert set(mod.mimic_sparse.modules) == {"projector", "experts", "router", "mlp"}
+    assert set(mod.mimic_sparse.modules) == {"projector", "experts", "router", "shared_expert", "mlp"}
     assert mod.preference.loss.dpo > 0 and mod.preference.dpo.reference == "teacher"
 
 
@@ -165,3 +165,10 @@ def test_zero3_over_several_ranks_is_refused_for_the_moe_stages(tmp_path):
         load_params(write_params(tmp_path, {"mimic_sparse": {"zero_stage": 3, "world_size": 2}, "mimic_dense": {"zero_stage": 3, "world_size": 2}}))
     keys = {p.key for p in info.value.problems}
     assert "mimic_sparse.zero_stage" in keys and "mimic_dense.zero_stage" not in keys
+
+
+def test_a_shared_expert_no_stage_trains_is_refused(tmp_path):
+    modules = ["projector", "experts", "router", "mlp"]
+    with pytest.raises(ParamsError, match=r"upcycle.shared_expert: no stage after upcycling trains the shared expert"):
+        load_params(write_params(tmp_path, {"upcycle": {"shared_expert": True}, "mimic_sparse": {"modules": modules}, "preference": {"modules": modules}}))
+    load_params(write_params(tmp_path, {"upcycle": {"shared_expert": True}}))  # the recipe trains it
