@@ -28,7 +28,7 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     return count
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict | list) -> None:
     """Write atomically so a crash never leaves half a metrics file for DVC to read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -71,11 +71,39 @@ class StagePaths:
         return self.models / f"student_{name}"
 
 
-def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, summary=None) -> int:
+TRAINED = {"loss": ("final", "loss"), "seconds": ("seconds",)}
+# What `dvc metrics show` prints per stage: a few numbers under names shared across stages, so the
+# table has a dozen columns, not hundreds. The full figures stay in metrics/<stage>.json.
+HEADLINES: dict[str, dict[str, tuple]] = {
+    "curate": {"kept": ("kept",), "rejected": ("rejected",)},
+    "teacher": {"vqa": ("probes", "vqa", "accuracy"), "pope_f1_adv": ("probes", "pope_adversarial", "f1"), "chair_i": ("probes", "caption", "chair_i")},
+    **{stage: TRAINED for stage in ("align", "mimic_dense", "baseline", "mimic_sparse", "preference")},
+    "upcycle": {"logit_diff": ("max_abs_logit_difference",)},
+    "evaluate": {"vqa": ("tasks", "tinymod_vqa", "vqa_accuracy"), "pope_f1_adv": ("tasks", "tinymod_pope_adversarial", "pope_f1"), "chair_i": ("tasks", "tinymod_caption", "chair_i")},
+    "register": {"version": ("version",), "gate_passed": ("gate_passed",)},
+}
+
+
+def headline(stage: str, metrics: dict, params: Params) -> dict:
+    """The stage's few headline numbers (evaluate: the registered model's), rounded for a terminal."""
+    if stage == "evaluate":
+        metrics = metrics.get("models", {}).get(params.register.model, {})
+    out = {}
+    for key, path in HEADLINES.get(stage, {}).items():
+        value = metrics
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            out[key] = round(value, 4) if isinstance(value, float) else value
+    return out
+
+
+def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, summary=None, headline_out: bool = True) -> int:
     """The thin ``main()`` of every stage: parse ``--params``, validate, run ``work(params, paths)``.
 
     Known failures (bad params, a failed job, a bad checkpoint) print one clear message and
-    exit 1; ``summary(metrics)`` returns the line printed on success.
+    exit 1; ``summary(metrics)`` returns the line printed on success. A stage (``headline_out``)
+    also writes ``metrics/headline/<name>.json``, what ``dvc metrics show`` prints.
     """
     import argparse
     import sys
@@ -90,7 +118,10 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        metrics = work(params, StagePaths(params))
+        paths = StagePaths(params)
+        metrics = work(params, paths)
+        if headline_out and name in HEADLINES:
+            write_json(paths.metrics / "headline" / f"{name}.json", headline(name, metrics, params))
     except (ParamsError, StageFailure, CheckpointError, UpcycleError, S3Error) as error:
         print(f"{name} failed: {error}", file=sys.stderr)
         return 1

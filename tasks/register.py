@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--note", default="")
         known, rest = parser.parse_known_args(argv[1:])
         return run_stage(
-            "register", lambda p, paths: promote(p, paths, known.note), "promote [--params FILE] [--note TEXT]: move champion to the candidate after review.", rest, summary
-        )
+            "register", lambda p, paths: promote(p, paths, known.note), "promote [--params FILE] [--note TEXT]: move champion to the candidate after review.", rest, summary,
+            headline_out=False,  # the registry holds the approval; the stage's DVC outputs stay as it wrote them
+        )  # fmt: skip
     if argv[:1] and not argv[0].startswith("-"):
         argparse.ArgumentParser(prog="python -m tasks.register").error(f"unknown command {argv[0]!r}; the only command is promote")
     return run_stage("register", register, __doc__, argv, summary)

@@ -133,6 +133,7 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     history_file = paths.teacher / HISTORY
     history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] if history_file.exists() else []
     plot_history(history, paths.plots / "teacher_loss.png", f"teacher (imported from {params.teacher.source})")
+    write_json(paths.metrics / "history" / "teacher.json", history)  # the loss curve for `dvc plots`
     metrics = {"source": params.teacher.source, "sha256": digest, **{f"{k}_parameters": v for k, v in parameter_counts(model).items()}}
     if (paths.probes / "vqa.jsonl").exists() and (paths.probes / "vqa.jsonl").stat().st_size:
         metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)

@@ -172,6 +172,7 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
     metrics = {**result, "final": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}
     write_json(paths.metrics / f"{job.stage}.json", metrics)
     plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
+    write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
     tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=job.out)
     # Finished: the resumable state has done its job and a later run starts clean.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -210,7 +211,8 @@ class RunningJob:
         self.tail: deque[bytes] = deque()
         # torchrun dies with the stage (SIGTERM: it stops its ranks, which also die with it).
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM)
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - only a prctl call runs between fork and exec
         )
         self.reader = threading.Thread(target=self._stream, daemon=True)
         self.reader.start()

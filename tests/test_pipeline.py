@@ -44,6 +44,22 @@ def test_dvc_repro_again_does_nothing_and_a_param_reruns_only_downstream(project
     assert ran == {"evaluate", "register"}, out.stdout
 
 
+def test_dvc_metrics_show_is_a_short_headline_per_stage(project):
+    out = dvc(project, "metrics", "show")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert max(map(len, lines)) <= 160, f"{max(map(len, lines))} characters wide:\n{out.stdout}"
+    for stage in ("curate", "teacher", "mimic_dense", "evaluate", "register"):
+        assert f"metrics/headline/{stage}.json" in out.stdout
+    assert {"vqa", "pope_f1_adv", "loss", "seconds", "gate_passed"} <= set(lines[0].split())
+    rich = json.loads((project / "metrics/mimic_sparse.json").read_text())
+    assert "final" in rich and "trainable" in rich, "the full figures stay in metrics/<stage>.json"
+    curve = json.loads((project / "metrics/history/mimic_sparse.json").read_text())
+    assert [row["step"] for row in curve] == sorted(row["step"] for row in curve) and all("loss" in row for row in curve)
+    plots = dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0 and "metrics/history/mimic_sparse.json" in plots.stdout, plots.stderr
+
+
 def test_the_student_is_registered_with_lineage_gate_and_review(project):
     client = mlflow_client(project)
     version = client.get_model_version_by_alias("tinymod-student", "candidate")
