@@ -13,7 +13,7 @@ pipeline: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 test: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q --durations=10
 
 # Re-resolve requirements.lock after changing pyproject.toml (torchvision stays out: its wheel is CUDA-only).
 lock:
