@@ -634,13 +634,6 @@ def _cross_checks(p: Params) -> list[Problem]:
     """Problems no single field can see: sizes that must agree, names that must exist."""
     problems: list[Problem] = []
     world, vision = p.curate.world, p.teacher.vision
-    for i, source in enumerate(p.curate.sources):
-        # Paths are relative to where the stage runs: the repository root.
-        if source.kind != "world" and not Path(source.path).is_file():
-            problems.append(Problem(f"curate.sources[{i}].path", f"{source.path}: no such file"))
-        needs_root = source.kind == "llava_json" or (source.kind == "preference" and not source.path.endswith(".parquet"))
-        if needs_root and not Path(source.image_root).is_dir():
-            problems.append(Problem(f"curate.sources[{i}].image_root", f"{source.image_root}: no such folder"))
     shapes = set(world.shapes)
     for i, shape in enumerate(world.shapes):
         if shape not in SHAPES_DRAWN:
@@ -770,14 +763,15 @@ class Layers(list):
     A recipe or preset that cannot be read is a problem reported with all the others, not alone.
     """
 
-    def __init__(self):
+    def __init__(self, root: Path):
         super().__init__()
+        self.root = root  # the project the params are for: relative source paths start here
         self.problems: list[Problem] = []
 
 
 def load_layers(params: dict, root: Path, name: str = "params.yaml") -> Layers:
     """The mappings that make up ``params``' resolved values, lowest priority first, each with its file name."""
-    layers = Layers()
+    layers = Layers(root)
     recipe = params.get("recipe", Params.model_fields["recipe"].default)
     preset = params.get("preset", Params.model_fields["preset"].default)
     if isinstance(recipe, str):
@@ -852,8 +846,22 @@ def resolve(layers: list[tuple[str, dict]]) -> Params:
     raise ParamsError(problems)
 
 
+def _source_problems(p: Params, root: Path) -> list[Problem]:
+    """Source files and folders that do not exist; relative paths are the stages', from the project root."""
+    problems = []
+    for i, source in enumerate(p.curate.sources):
+        if source.kind != "world" and not (root / source.path).is_file():
+            problems.append(Problem(f"curate.sources[{i}].path", f"{source.path}: no such file"))
+        needs_root = source.kind == "llava_json" or (source.kind == "preference" and not source.path.endswith(".parquet"))
+        if needs_root and not (root / source.image_root).is_dir():
+            problems.append(Problem(f"curate.sources[{i}].image_root", f"{source.image_root}: no such folder"))
+    return problems
+
+
 def _checked(params: Params, layers: list[tuple[str, dict]]) -> Params:
     problems = _cross_checks(params)
+    if isinstance(layers, Layers):
+        problems += _source_problems(params, layers.root)
     if problems:
         raise ParamsError([Problem(pr.key, pr.message, origin(pr.key, layers)) for pr in problems])
     return params

@@ -319,7 +319,8 @@ def stage_files(paths: StagePaths, splits: list[str]) -> list[Path]:
 def train_summary(metrics: dict) -> str:
     """One line for the console after a training stage."""
     final = metrics.get("final", {})
-    terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
+    # One throughput, the whole run's: the final row's rates are only its last logging window's.
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("lr", "samples_per_second", "tokens_per_second"))
     return (
         f"{metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['samples_per_second']:.1f} samples/s);"
         f" final {terms}; {metrics['trainable']:,} of {metrics['total']:,} parameters trained"

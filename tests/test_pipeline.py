@@ -137,7 +137,9 @@ def test_the_flow_published_artifacts(project):
 def test_a_failing_stage_fails_the_flow_run_without_retrying(tmp_path, prefect_server):
     from flows.pipeline import distill_pipeline
 
-    root = make_project(tmp_path / "failing", {"curate": {"sources": [{"kind": "llava_json", "path": "missing.json", "image_root": ".", "split": "general"}]}})
+    # Valid params (the file exists), but every record in it is broken: curate fails on the rejected fraction.
+    root = make_project(tmp_path / "failing", {"curate": {"sources": [{"kind": "llava_json", "path": "broken.jsonl", "image_root": ".", "split": "general"}]}})
+    (root / "broken.jsonl").write_text("{not json\n")
     state = distill_pipeline(workdir=str(root), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="stage curate failed"):
