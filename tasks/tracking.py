@@ -93,8 +93,11 @@ def _client(uri: str, experiment_name: str, artifacts: str):
     else:
         experiment_id = experiment.experiment_id
         # An experiment keeps the artifact root it was created with: a changed
-        # tracking.artifact_location would otherwise be ignored without a word.
-        if experiment.artifact_location.rstrip("/") != artifacts.rstrip("/"):
+        # tracking.artifact_location (s3:// instead of a folder, another bucket) would otherwise be
+        # ignored without a word. Two local folders differ when a checkout is moved or copied with
+        # its store; the store's own folder is kept then, as MLflow does.
+        both_local = experiment.artifact_location.startswith("file:") and artifacts.startswith("file:")
+        if not both_local and experiment.artifact_location.rstrip("/") != artifacts.rstrip("/"):
             raise TrackingError(
                 f"MLflow experiment {experiment_name!r} at {uri} stores artifacts in {experiment.artifact_location}, "
                 f"but tracking.artifact_location is {artifacts}. MLflow cannot move an experiment's artifacts: "
