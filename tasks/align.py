@@ -39,7 +39,7 @@ def align(params: Params, paths: StagePaths) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
         processor = AutoProcessor.from_pretrained(paths.teacher)
         student = build_student(teacher, section.student.text, section.student.llm, tokenizer, params.seed)
-        if word_aligns(params):
+        if params.word_aligns:
             w, wa = params.curate.world, section.word_align
             word_aligned.update(
                 pretrain_vision(
@@ -64,11 +64,6 @@ def align(params: Params, paths: StagePaths) -> dict:
         write_json(paths.metrics / "align.json", metrics)
     return metrics
 
-
-def word_aligns(params: Params) -> bool:
-    """Whether align word-aligns the new student: a fresh LLM, the world among the sources, steps to take."""
-    uses_world = any(source.kind == "world" for source in params.curate.sources)
-    return params.align.student.llm == "init" and uses_world and params.align.word_align.steps > 0
 
 
 def main(argv: list[str] | None = None) -> int:

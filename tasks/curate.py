@@ -559,7 +559,7 @@ def write_data_card(paths: StagePaths, params: Params, outcome: Outcome, metrics
             lines.append(f"| {reason} | {count} | {REASONS[reason]} | {where[:160]} |")
         lines.append("")
         lines.append("Every rejected record is in `data/curated/quarantine.jsonl` with its reason and detail.")
-    if any(s.kind == "world" for s in params.curate.sources):
+    if params.uses_world:
         lines += ["", *_world_summary(paths, params)]
     (paths.reports / "data_card.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -498,6 +498,17 @@ class Params(Section):
     """Stage register: MLflow model version, aliases and the review card."""
 
 
+    @property
+    def uses_world(self) -> bool:
+        """Whether the embedded world is among curate.sources (its ground truth feeds vision pretraining and word alignment)."""
+        return any(source.kind == "world" for source in self.curate.sources)
+
+    @property
+    def word_aligns(self) -> bool:
+        """Whether align word-aligns the new student: a fresh LLM, the world among the sources, steps to take."""
+        return self.align.student.llm == "init" and self.uses_world and self.align.word_align.steps > 0
+
+
 # ---------------------------------------------------------------- loading and checking
 
 
@@ -655,7 +666,7 @@ def _cross_checks(p: Params) -> list[Problem]:
         problems.append(Problem("curate.min_image_side", "must be <= curate.max_image_side"))
     if vision.image_size % vision.patch_size:
         problems.append(Problem("teacher.vision.patch_size", f"must divide teacher.vision.image_size ({vision.image_size})"))
-    uses_world = any(s.kind == "world" for s in p.curate.sources)
+    uses_world = p.uses_world
     if p.teacher.source == "train":
         if uses_world and vision.image_size != world.image_size:
             problems.append(Problem("teacher.vision.image_size", f"must equal curate.world.image_size ({world.image_size}) to train on the world"))
@@ -673,10 +684,10 @@ def _cross_checks(p: Params) -> list[Problem]:
                 )
             )
     grid_users = {
-        "teacher.vision_pretrain.steps": p.teacher.source == "train" and p.teacher.vision_pretrain.steps,
-        "align.word_align.steps": p.align.student.llm == "init" and p.align.word_align.steps,
+        "teacher.vision_pretrain.steps": uses_world and p.teacher.source == "train" and p.teacher.vision_pretrain.steps,
+        "align.word_align.steps": p.word_aligns,
     }
-    for key in [k for k, used in grid_users.items() if used and uses_world]:
+    for key in [k for k, used in grid_users.items() if used]:
         if vision.image_size % vision.patch_size == 0 and (vision.image_size // vision.patch_size) % 3:
             problems.append(
                 Problem("teacher.vision.patch_size", f"{key} needs image_size / patch_size to be a multiple of 3 (the world's grid), got {vision.image_size // vision.patch_size}")

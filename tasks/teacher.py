@@ -52,7 +52,7 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
     def build(out: Path) -> None:
         model = build_llava(t.vision, t.text, tokenizer, t.seed)
         processor = build_processor(tokenizer, model.config.vision_config)
-        if t.vision_pretrain.steps and any(source.kind == "world" for source in params.curate.sources):
+        if t.vision_pretrain.steps and params.uses_world:
             w = params.curate.world
             pretrained.update(
                 pretrain_vision(
@@ -87,7 +87,7 @@ def weights_sha256(folder: Path) -> str:
 
 def check_world(params: Params, folder: Path) -> None:
     """A teacher trained on the embedded world only fits that world: refuse it when ``curate.world`` changed."""
-    if not any(source.kind == "world" for source in params.curate.sources):
+    if not params.uses_world:
         return
     changed = world_differences(folder, params.curate.world)
     if changed:
