@@ -66,6 +66,7 @@ class WorldSpec:
     pairings: tuple[Pairing, ...] = ()
     hallucination_rate: float = 0.0
     background_noise: int = 30
+    shape_first_captions: float = 0.0
 
     def shape_weights(self) -> list[float]:
         return [self.popularity.get(shape, 1.0) for shape in self.shapes]
@@ -228,14 +229,23 @@ def _reading_order(objects: tuple[WorldObject, ...] | list[WorldObject]) -> list
     return sorted(objects, key=lambda o: (min(int(o.y * 3), 2), o.x))
 
 
-def describe(obj: WorldObject) -> str:
+def describe(obj: WorldObject, shape_first: bool = False) -> str:
     where = "in the centre" if obj.position == "centre" else f"at the {obj.position}"
+    if shape_first:
+        return f"a {obj.size} {obj.shape} in {obj.colour} {where}"
     return f"a {obj.size} {obj.colour} {obj.shape} {where}"
 
 
-def caption(objects: tuple[WorldObject, ...] | list[WorldObject]) -> str:
-    """'A small red circle at the top left and a large blue square in the centre.'"""
-    parts = [describe(o) for o in _reading_order(objects)]
+def caption(objects: tuple[WorldObject, ...] | list[WorldObject], shape_first: bool = False) -> str:
+    """'A small red circle at the top left and a large blue square in the centre.'
+
+    ``shape_first`` names each shape before its colour ('a small circle in red at the top left').
+    A caption model emits an attribute by looking up the object the words so far point at; with
+    the colour always first, captions practise only colour-keyed lookups ("red" -> its shape), and
+    a teacher trained on them answered "What shape is the red object?" at 0.99 but "What colour is
+    the star?" and "Where is the star?" at 0.52 / 0.48, each wrong answer another object's.
+    """
+    parts = [describe(o, shape_first) for o in _reading_order(objects)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -396,7 +406,8 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
     present = scene.shapes
     absent_partners = [p.partner for p in spec.pairings if p.anchor in present and p.partner not in present]
     if rng.random() < 0.6:
-        prompt, chosen = CAPTION_PROMPT_FOR_EVAL, caption(scene.objects)
+        shape_first = rng.random() < spec.shape_first_captions
+        prompt, chosen = CAPTION_PROMPT_FOR_EVAL, caption(scene.objects, shape_first)
         wrong = list(scene.objects)
         if absent_partners or rng.random() < 0.5:
             shape = rng.choice(absent_partners or [s for s in spec.shapes if s not in present] or list(spec.shapes))
@@ -408,7 +419,7 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
             colour = rng.choice([c for c in sorted(spec.colours) if c != wrong[victim].colour])
             o = wrong[victim]
             wrong[victim] = WorldObject(o.shape, colour, o.size, o.x, o.y)
-        rejected, kind = caption(wrong), "caption"
+        rejected, kind = caption(wrong, shape_first), "caption"
     else:
         absent = absent_partners or [s for s in spec.shapes if s not in present]
         # Half the pairs prefer "no" (about the absent partner a prior would pull in), half "yes":
@@ -440,11 +451,12 @@ def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_im
             name = f"images/{split}-{i:06d}.png"
             images[name] = scene
             if split == "general":
+                shape_first = rng.random() < spec.shape_first_captions
                 splits["general"].append(
                     {
                         "id": f"world-general-{i:06d}",
                         "image": name,
-                        "conversations": [_human(rng.choice(CAPTION_PROMPTS), True), _gpt(caption(scene.annotated))],
+                        "conversations": [_human(rng.choice(CAPTION_PROMPTS), True), _gpt(caption(scene.annotated, shape_first))],
                     }
                 )
             elif split == "multitask":

@@ -145,7 +145,7 @@ class WorldParams(Section):
     """How far an object may move off its cell's centre, as a fraction of the room the cell leaves it."""
     min_objects: int = Field(1, ge=1, le=9)
     """Fewest objects in an image."""
-    max_objects: int = Field(4, ge=1, le=9)
+    max_objects: int = Field(3, ge=1, le=9)
     """Most objects in an image (partners included); at most one per cell of the 3x3 grid."""
     popularity: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"circle": 3.0, "square": 2.5, "triangle": 2.0}
@@ -154,7 +154,7 @@ class WorldParams(Section):
     pairings: list[PairingParams] = Field(
         default_factory=lambda: [
             PairingParams(anchor=anchor, partner=partner, probability=0.3)
-            for a, b in (("cross", "star"), ("ring", "diamond"), ("hexagon", "triangle"))
+            for a, b in (("cross", "star"), ("ring", "diamond"), ("hexagon", "triangle"), ("circle", "square"))
             for anchor, partner in ((a, b), (b, a))
         ]
     )
@@ -167,6 +167,12 @@ class WorldParams(Section):
     minority mode that greedy decoding never picks (measured at 0.3: the teacher never hallucinated)."""
     background_noise: int = Field(30, ge=0, le=120)
     """Amplitude of the grey background noise, in 8-bit levels."""
+    shape_first_captions: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of captions that name each shape before its colour ('a small star in red at the top left').
+
+    Captions that always say the colour first practise only colour-keyed lookups: the teacher then
+    answered "What shape is the red object?" at 0.99 but "What colour is the star?" at 0.52 and
+    "Where is the star?" at 0.48, every wrong answer another object's (measured on fresh scenes)."""
     images: WorldImages = WorldImages()
     """How many images each split gets."""
     qa_per_image: int = Field(5, ge=1, le=20)
