@@ -40,8 +40,9 @@ class UpcycleError(ValueError):
 def moe_layers(layers: str | list[int], num_layers: int) -> list[int]:
     """Decoder layer indices that become MoE.
 
-    ``every_other`` is layers 1, 3, 5, ... (LLaVA-MoD's alternating layout, keeping the first
-    layer dense); ``first_half`` / ``second_half`` split at ``num_layers // 2``.
+    ``every_other`` is layers 0, 2, 4, ...: LLaVA-MoD's sparse layout, ``range(L)[::2]`` (its
+    ``moe_mode: sparse``, from MoE-LLaVA). ``every_other_from_1`` is 1, 3, 5, ..., the same density
+    with the first layer kept dense. ``first_half`` / ``second_half`` split at ``num_layers // 2``.
     """
     if isinstance(layers, list):
         bad = [i for i in layers if not 0 <= i < num_layers]
@@ -51,7 +52,8 @@ def moe_layers(layers: str | list[int], num_layers: int) -> list[int]:
             raise UpcycleError("upcycle.layers: empty list; name at least one layer")
         return sorted(set(layers))
     chosen = {
-        "every_other": list(range(1, num_layers, 2)),
+        "every_other": list(range(0, num_layers, 2)),
+        "every_other_from_1": list(range(1, num_layers, 2)),
         "first_half": list(range(0, max(1, num_layers // 2))),
         "second_half": list(range(num_layers // 2, num_layers)),
         "all": list(range(num_layers)),

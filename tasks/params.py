@@ -392,8 +392,8 @@ class UpcycleParams(Section):
     """Experts per MoE layer, each a copy of the dense FFN (1 with top_k 1: a dense FFN in MoE form, for dense baselines)."""
     top_k: int = Field(2, ge=1)
     """Experts each token is routed to (weights renormalised over the top k)."""
-    layers: Literal["every_other", "first_half", "second_half", "all"] | list[Annotated[int, Field(ge=0)]] = "every_other"
-    """Which decoder layers become MoE: every_other (layers 1, 3, ..., as LLaVA-MoD), first_half, second_half, all, or a list of indices."""
+    layers: Literal["every_other", "every_other_from_1", "first_half", "second_half", "all"] | list[Annotated[int, Field(ge=0)]] = "every_other"
+    """Which decoder layers become MoE: every_other (0, 2, 4, ...: LLaVA-MoD's range(L)[::2]), every_other_from_1 (1, 3, ...), first_half, second_half, all, or a list of indices."""
     router_init: Literal["zeros", "normal"] = "normal"
     """Router weights at upcycling: zeros (uniform routing) or normal with `router_std`. Either keeps the output exact."""
     router_std: float = Field(0.02, ge=0.0)

@@ -27,7 +27,7 @@ def inputs(model, tokenizer, batch: int = 3, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, side, side, generator=g)}
 
 
-@pytest.mark.parametrize("layers", ["every_other", "first_half", "second_half", "all", [0, 3]])
+@pytest.mark.parametrize("layers", ["every_other", "every_other_from_1", "first_half", "second_half", "all", [0, 3]])
 @pytest.mark.parametrize("router_init", ["normal", "zeros"])
 def test_upcycled_logits_equal_dense(tiny_llava, tiny_tokenizer, layers, router_init):
     params = UpcycleParams(num_experts=4, top_k=2, layers=layers, router_init=router_init, router_std=0.5)
@@ -117,3 +117,10 @@ def test_bad_requests_name_the_problem(tiny_llava, tiny_tokenizer):
     qwen3 = build_llava(VisionParams(**TINY_VISION), TextParams(**{**TINY_TEXT, "family": "qwen3"}), tiny_tokenizer, 0)
     with pytest.raises(UpcycleError, match="shared expert"):
         upcycle(qwen3, UpcycleParams(shared_expert=True))
+
+
+def test_every_other_is_llava_mods_sparse_layout():
+    """LLaVA-MoD (after MoE-LLaVA's moe_mode sparse) makes layers range(L)[::2] sparse: 0, 2, 4, ..."""
+    assert moe_layers("every_other", 6) == [0, 2, 4] == list(range(6))[::2]
+    assert moe_layers("every_other", 2) == [0]
+    assert moe_layers("every_other_from_1", 6) == [1, 3, 5]

@@ -129,3 +129,20 @@ def test_no_answer_can_be_read_off_earlier_turns():
             if question["value"].removeprefix("<image>\n").startswith("Is there"):
                 answers[answer["value"]] += 1
     assert answers["yes"] == answers["no"] > 100, f"existence answers must be balanced: {answers}"
+
+
+def test_shape_first_captions_name_the_same_objects_in_the_other_order():
+    spec = W.WorldSpec(shape_first_captions=0.5)
+    world = W.generate_world(spec, COUNTS, seed=4, qa_per_image=4, pope_per_image=3)
+    orders = Counter()
+    for record in world.splits["general"]:
+        scene = world.images[record["image"]]
+        text = record["conversations"][1]["value"]
+        first = W._reading_order(scene.annotated)[0]
+        shape_first = f"{first.shape} in {first.colour}" in text
+        assert shape_first or f"{first.colour} {first.shape}" in text
+        assert text == W.caption(scene.annotated, shape_first)
+        orders[shape_first] += 1
+    assert 0.35 < orders[True] / len(world.splits["general"]) < 0.65
+    never = W.generate_world(W.WorldSpec(), COUNTS, seed=4, qa_per_image=4, pope_per_image=3)
+    assert all(" in " not in r["conversations"][1]["value"].replace(" in the centre", "") for r in never.splits["general"])
