@@ -149,6 +149,11 @@ class Objective(torch.nn.Module):
 
     ``forward(batch)`` returns the weighted total and each term. The teacher is kept out
     of the module's parameters (DeepSpeed must neither partition nor optimise it).
+    A batch's ``token_share`` (see :func:`token_shares`) scales the per-token terms (ce,
+    kl_response, DPO's sft) so that gradient accumulation and several ranks give one mean over
+    the step's tokens. The other terms are means over samples (DPO, visual KL and RDist, whose
+    image tokens are the same number per sample), equal for equal-sized micro-batches, or the
+    balance loss, a statistic of each micro-batch's routing as in transformers.
     """
 
     def __init__(self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int):
@@ -193,10 +198,11 @@ class Objective(torch.nn.Module):
                 chunk_size=self.chunk_size,
                 ce=bool(w.ce),
             )
+            share = batch.get("token_share", 1.0)
             if w.ce:
-                terms["ce"] = r.ce
+                terms["ce"] = r.ce * share
             if w.kl_response:
-                terms["kl_response"] = r.kl
+                terms["kl_response"] = r.kl * share
         if w.kl_visual or w.relation:
             image = ids == self.image_token
             per_sample = int(image[0].sum())
@@ -229,7 +235,7 @@ class Objective(torch.nn.Module):
         if self.dpo.get("sft_weight"):
             response, targets = next_token_targets(labels[:pairs])
             r = chunked_response_losses(hidden[:pairs][response], self.student.lm_head, targets[response], chunk_size=self.chunk_size)
-            terms["sft"] = r.ce
+            terms["sft"] = r.ce * batch.get("token_share", 1.0)
         if w.router_aux:
             terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
         result = self._total(terms, extra={"sft": self.dpo.get("sft_weight", 0.0)})
@@ -263,6 +269,23 @@ def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 # ---------------------------------------------------------------- data order
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Supervised next-token positions of a batch: those its ce and kl_response (or DPO's sft) average over."""
+    labels = batch["labels"] if "labels" in batch else batch["chosen_labels"]
+    return int(next_token_targets(labels)[0].sum())
+
+
+def token_shares(counts: list[int], step_tokens: float, world: int) -> list[float]:
+    """Per micro-batch, the factor that turns its per-token mean into its part of the step's per-token mean.
+
+    A micro-batch's loss is a mean over its own tokens, and DeepSpeed divides each micro-batch's
+    loss by the accumulation steps and averages gradients over ranks: micro-batches would count
+    equally, however many tokens each holds. Scaled by ``count * accumulation * world / step_tokens``
+    they add up to one mean over every token of the step, for any micro-batch size and rank count.
+    """
+    return [count * len(counts) * world / max(step_tokens, 1.0) for count in counts]
 
 
 def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
@@ -427,14 +450,24 @@ class TrainingRecipe:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, step: int):
+        import deepspeed.comm as dist
+
         indices = global_batch(step, self.batch_size, len(self.dataset), self.seed)
         per_rank = len(indices) // self.world
         mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        batches = []
         for start in range(0, len(mine), self.micro):
             chunk = mine[start : start + self.micro]
             batch = self.collate([self.dataset[i] for i in chunk])
             if hasattr(self, "reference_logps"):
                 batch["reference_logps"] = self.reference_logps[chunk]
+            batches.append(batch)
+        counts = [response_tokens(batch) for batch in batches]
+        step_tokens = torch.tensor(float(sum(counts)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(step_tokens)
+        for batch, share in zip(batches, token_shares(counts, float(step_tokens), self.world), strict=True):
+            batch["token_share"] = torch.tensor(share)
             yield self._to_device(batch)
 
     def train(self) -> dict:
