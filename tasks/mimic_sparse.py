@@ -1,8 +1,9 @@
 """Stage `mimic_sparse`: dense-to-sparse mimic distillation of the upcycled MoE student.
 
 Experts, routers, the projector and the dense FFNs of the layers that stayed
-dense train (LLaVA-MoD; LLaVA-KD's DFT trains the whole LLM) on the multitask
-split against the frozen teacher, with the router balance loss.
+dense train (LLaVA-MoD; LLaVA-KD's DFT trains the whole LLM) against the frozen
+teacher, with the router balance loss, on the recipe's splits (general +
+multitask; the paper's multitask only, see recipes/llava-mod.yaml).
 
 Run: ``python -m tasks.mimic_sparse [--params params.yaml]``
 """

@@ -30,6 +30,14 @@ def test_llava_mod_recipe_is_the_default():
     assert mod.mimic_dense.loss.kl_response > 0
     assert set(mod.mimic_sparse.modules) == {"projector", "experts", "router", "shared_expert", "mlp"}
     assert mod.preference.loss.dpo > 0 and mod.preference.dpo.reference == "teacher"
+    # The paper's choices, and tinymod's documented departures from them (recipes/llava-mod.yaml).
+    assert mod.upcycle.layers == "every_other"  # range(L)[::2], as LLaVA-MoD
+    assert mod.preference.dpo.loss_type == "sigmoid"  # the paper's DPO (its script: kto_pair)
+    assert mod.mimic_sparse.splits == ["general", "multitask"]  # the paper: multitask only
+    assert (mod.mimic_dense.loss.ce, mod.preference.dpo.sft_weight) == (1.0, 1.0)  # the paper: 0 and 0
+    recipe = (REPO / "recipes" / "llava-mod.yaml").read_text()
+    for paper_value in ("splits: [multitask]", "sft_weight: 0.0", "loss: {ce: 0.0, kl_response: 1.0}", "loss_type: kto_pair"):
+        assert f"#   {paper_value}" in recipe or f": {paper_value}" in recipe, f"the recipe must name the paper's value: {paper_value}"
 
 
 def test_llava_kd_recipe_sets_dpt_sft_dft(tmp_path):
