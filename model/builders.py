@@ -10,12 +10,30 @@ them with no tinymod code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import (
+
+
+class _PilFallbackNotice(logging.Filter):
+    """Drops transformers' notice that CLIP's image processor runs on PIL without torchvision.
+
+    That is the intended CPU path (the registry's torchvision wheel is CUDA-only, so the stack
+    leaves it out) and every stage, rank and evaluation printed it; other warnings pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+# Before transformers resolves CLIPImageProcessor, which is where it warns.
+logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackNotice())
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -35,6 +53,8 @@ from model.tokenizer import IMAGE_TOKEN
 from tasks.params import TextParams, VisionParams
 
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: the stage's own bar is the progress
 
 
 class CheckpointError(ValueError):

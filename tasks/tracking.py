@@ -10,12 +10,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 from tasks.common import StageFailure
 from tasks.params import Params, Tracking
+
+
+# MLflow's start-up notes (database tables created, system metrics started, no GPU to watch) are
+# nothing a stage's user acts on; its warnings and errors still show.
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class TrackingError(StageFailure):
