@@ -156,8 +156,12 @@ class Objective(torch.nn.Module):
     balance loss, a statistic of each micro-batch's routing as in transformers.
     """
 
-    def __init__(self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int):
+    def __init__(
+        self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int,
+        distill_all_tokens: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.distill_all_tokens = distill_all_tokens
         self.student = student
         self._teacher = (teacher,)
         self.weights = weights
@@ -188,21 +192,31 @@ class Objective(torch.nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if w.ce or w.kl_response:
             response, targets = next_token_targets(labels)
+            # LLaVA-MoD's distill_all_tokens: the KL at every text position, prompt and template too
+            # (image positions are kl_visual's); ce stays on the response.
+            distilled = (mask.bool() & (ids != self.image_token)) if self.distill_all_tokens else response
+            separate = w.kl_response and self.distill_all_tokens
             r = chunked_response_losses(
                 hidden[response],
                 self.student.lm_head,
                 targets[response],
-                teacher_logits_of=self.teacher.logits if w.kl_response else None,
-                teacher_hidden=teacher_hidden[response] if w.kl_response else None,
+                teacher_logits_of=self.teacher.logits if w.kl_response and not separate else None,
+                teacher_hidden=teacher_hidden[response] if w.kl_response and not separate else None,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
                 ce=bool(w.ce),
             )
+            kl = r.kl
+            if separate:
+                kl = chunked_response_losses(
+                    hidden[distilled], self.student.lm_head, targets.new_zeros(int(distilled.sum())), self.teacher.logits,
+                    teacher_hidden[distilled], self.temperature, self.chunk_size, ce=False,
+                ).kl  # fmt: skip
             share = batch.get("token_share", 1.0)
             if w.ce:
                 terms["ce"] = r.ce * share
             if w.kl_response:
-                terms["kl_response"] = r.kl * share
+                terms["kl_response"] = kl if separate else kl * share  # all-token KL: a mean over the micro-batch's text
         if w.kl_visual or w.relation:
             image = ids == self.image_token
             per_sample = int(image[0].sum())
@@ -385,7 +399,10 @@ class TrainingRecipe:
             del reference  # its log-probs are all the stage needs from it
 
         # DeepSpeed last: it takes the trainable parameters and the schedule.
-        objective = Objective(student, teacher, self.weights, self.spec["train"]["temperature"], self.spec.get("dpo"), self.spec["chunk_size"])
+        train = self.spec["train"]
+        objective = Objective(
+            student, teacher, self.weights, train["temperature"], self.spec.get("dpo"), self.spec["chunk_size"], train["distill_all_tokens"]
+        )
         trainable = [p for p in objective.parameters() if p.requires_grad]
         schedule = lr_lambda(self.spec["train"]["warmup_steps"], self.steps, self.spec["train"]["min_lr_ratio"])
         config = dict(self.spec["deepspeed"])

@@ -298,6 +298,8 @@ class TrainingParams(Section):
     """Weight of each loss term; a zero weight skips the term's computation. Usually set by the recipe."""
     temperature: float = Field(1.0, gt=0.0)
     """Softmax temperature of the KL terms (the loss is scaled by T^2)."""
+    distill_all_tokens: bool = False
+    """kl_response at every text position (prompt and chat template too), as LLaVA-MoD's option of that name; off: response tokens only."""
     chunk_size: int = Field(1024, ge=1)
     """Response rows projected onto the vocabulary at a time for CE and KL (bounds logit memory)."""
     steps: int = Field(200, ge=1)

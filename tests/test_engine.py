@@ -115,3 +115,22 @@ def test_a_nan_or_inf_term_stops_training_naming_step_and_term():
         check_finite({"loss": torch.tensor(float("nan")), "ce": torch.tensor(0.5), "relation": torch.tensor(float("nan"))}, step=2)
     with pytest.raises(FloatingPointError, match="'ce' is inf"):
         check_finite({"ce": torch.tensor(float("inf"))}, step=1)
+
+
+def test_distill_all_tokens_takes_the_kl_at_every_text_position(tiny_llava, tiny_tokenizer):
+    """LLaVA-MoD's distill_all_tokens: KL over prompt, template and response (not image) positions; ce stays on the response."""
+    from model.losses import forward_kl
+
+    teacher = LiveTeacher(build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=5))
+    batch = batch_with_labels(tiny_llava, tiny_tokenizer)
+    weights = Weights(ce=1.0, kl_response=1.0)
+    response_only = Objective(tiny_llava, teacher, weights, 1.0, None, chunk_size=3)(batch)
+    everywhere = Objective(tiny_llava, teacher, weights, 1.0, None, chunk_size=3, distill_all_tokens=True)(batch)
+    assert everywhere["ce"].item() == pytest.approx(response_only["ce"].item(), rel=1e-6)
+    with torch.no_grad():
+        student = tiny_llava(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        teacher_logits = teacher.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != tiny_llava.config.image_token_index)
+    expected = forward_kl(student[text], teacher_logits[text]).mean()
+    assert everywhere["kl_response"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert everywhere["kl_response"].item() != pytest.approx(response_only["kl_response"].item(), rel=1e-3)
