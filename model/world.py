@@ -66,7 +66,6 @@ class WorldSpec:
     pairings: tuple[Pairing, ...] = ()
     hallucination_rate: float = 0.0
     background_noise: int = 30
-    shape_first_captions: float = 0.0
 
     def shape_weights(self) -> list[float]:
         return [self.popularity.get(shape, 1.0) for shape in self.shapes]
@@ -229,23 +228,17 @@ def _reading_order(objects: tuple[WorldObject, ...] | list[WorldObject]) -> list
     return sorted(objects, key=lambda o: (min(int(o.y * 3), 2), o.x))
 
 
-def describe(obj: WorldObject, shape_first: bool = False) -> str:
-    where = "in the centre" if obj.position == "centre" else f"at the {obj.position}"
-    if shape_first:
-        return f"a {obj.size} {obj.shape} in {obj.colour} {where}"
-    return f"a {obj.size} {obj.colour} {obj.shape} {where}"
+def where(obj: WorldObject) -> str:
+    return "in the centre" if obj.position == "centre" else f"at the {obj.position}"
 
 
-def caption(objects: tuple[WorldObject, ...] | list[WorldObject], shape_first: bool = False) -> str:
-    """'A small red circle at the top left and a large blue square in the centre.'
+def describe(obj: WorldObject) -> str:
+    return f"a {obj.size} {obj.colour} {obj.shape} {where(obj)}"
 
-    ``shape_first`` names each shape before its colour ('a small circle in red at the top left').
-    A caption model emits an attribute by looking up the object the words so far point at; with
-    the colour always first, captions practise only colour-keyed lookups ("red" -> its shape), and
-    a teacher trained on them answered "What shape is the red object?" at 0.99 but "What colour is
-    the star?" and "Where is the star?" at 0.52 / 0.48, each wrong answer another object's.
-    """
-    parts = [describe(o, shape_first) for o in _reading_order(objects)]
+
+def caption(objects: tuple[WorldObject, ...] | list[WorldObject]) -> str:
+    """'A small red circle at the top left and a large blue square in the centre.'"""
+    parts = [describe(o) for o in _reading_order(objects)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -262,6 +255,14 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
     answered most existence and count questions ("named before" -> yes / one, else no / zero) and a
     teacher trained on it never looked at the image to answer them (measured: existence at chance,
     yes-ratio 0.01 on first-turn questions).
+
+    Colour and position answers restate their subject. With one-word answers a teacher answered
+    "What shape is the red object?" at 0.99 but "What colour is the star?" and "Where is the star?"
+    at 0.52 / 0.48, every wrong answer another object's: it had learned the lookups its captions
+    practise ("a small red" -> "star": the word just written finds its object, whose shape comes
+    next) and not those its one-word answers asked for. Captions that named the shape first
+    ("a small star in red") moved colour to 0.71 and shape down to 0.36: the captions' order, not
+    the VQA data, decided which lookup formed (measured on fresh scenes).
     """
     by_shape: dict[str, list[WorldObject]] = {}
     by_colour: dict[str, list[WorldObject]] = {}
@@ -274,8 +275,11 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
     candidates: dict[str, list[tuple[str, str, str]]] = {t: [] for t in VQA_TYPES}
     for shape, objs in by_shape.items():
         if len(objs) == 1:
-            candidates["colour"].append((f"What colour is the {shape}?", objs[0].colour, shape))
-            candidates["position"].append((f"Where is the {shape}?", objs[0].position, shape))
+            # Answers that name their subject ("The star is red."): the colour or place is then read
+            # off the object the answer's own words point at, as a caption reads each shape off
+            # the colour just written (see the docstring).
+            candidates["colour"].append((f"What colour is the {shape}?", f"The {shape} is {objs[0].colour}.", shape))
+            candidates["position"].append((f"Where is the {shape}?", f"The {shape} is {where(objs[0])}.", shape))
     for colour, objs in by_colour.items():
         if len(objs) == 1:
             candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape, objs[0].shape))
@@ -406,8 +410,7 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
     present = scene.shapes
     absent_partners = [p.partner for p in spec.pairings if p.anchor in present and p.partner not in present]
     if rng.random() < 0.6:
-        shape_first = rng.random() < spec.shape_first_captions
-        prompt, chosen = CAPTION_PROMPT_FOR_EVAL, caption(scene.objects, shape_first)
+        prompt, chosen = CAPTION_PROMPT_FOR_EVAL, caption(scene.objects)
         wrong = list(scene.objects)
         if absent_partners or rng.random() < 0.5:
             shape = rng.choice(absent_partners or [s for s in spec.shapes if s not in present] or list(spec.shapes))
@@ -419,7 +422,7 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
             colour = rng.choice([c for c in sorted(spec.colours) if c != wrong[victim].colour])
             o = wrong[victim]
             wrong[victim] = WorldObject(o.shape, colour, o.size, o.x, o.y)
-        rejected, kind = caption(wrong, shape_first), "caption"
+        rejected, kind = caption(wrong), "caption"
     else:
         absent = absent_partners or [s for s in spec.shapes if s not in present]
         # Half the pairs prefer "no" (about the absent partner a prior would pull in), half "yes":
@@ -451,12 +454,11 @@ def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_im
             name = f"images/{split}-{i:06d}.png"
             images[name] = scene
             if split == "general":
-                shape_first = rng.random() < spec.shape_first_captions
                 splits["general"].append(
                     {
                         "id": f"world-general-{i:06d}",
                         "image": name,
-                        "conversations": [_human(rng.choice(CAPTION_PROMPTS), True), _gpt(caption(scene.annotated, shape_first))],
+                        "conversations": [_human(rng.choice(CAPTION_PROMPTS), True), _gpt(caption(scene.annotated))],
                     }
                 )
             elif split == "multitask":

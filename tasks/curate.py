@@ -144,7 +144,6 @@ def world_spec(params: CurateParams) -> W.WorldSpec:
         hallucination_rate=w.hallucination_rate,
         background_noise=w.background_noise,
         jitter=w.jitter,
-        shape_first_captions=w.shape_first_captions,
     )
 
 

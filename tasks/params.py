@@ -167,12 +167,6 @@ class WorldParams(Section):
     minority mode that greedy decoding never picks (measured at 0.3: the teacher never hallucinated)."""
     background_noise: int = Field(30, ge=0, le=120)
     """Amplitude of the grey background noise, in 8-bit levels."""
-    shape_first_captions: float = Field(0.5, ge=0.0, le=1.0)
-    """Share of captions that name each shape before its colour ('a small star in red at the top left').
-
-    Captions that always say the colour first practise only colour-keyed lookups: the teacher then
-    answered "What shape is the red object?" at 0.99 but "What colour is the star?" at 0.52 and
-    "Where is the star?" at 0.48, every wrong answer another object's (measured on fresh scenes)."""
     images: WorldImages = WorldImages()
     """How many images each split gets."""
     qa_per_image: int = Field(5, ge=1, le=20)
