@@ -51,11 +51,13 @@ def gate_checks(student: dict, teacher: dict, gate: GateParams) -> list[dict]:
         passed = value >= bound if higher else value <= bound
         return {"check": name, "value": round(value, 4), "bound": round(bound, 4), "passed": passed}
 
+    understanding, hallucination = gate.understanding_delta, gate.hallucination_margin
     return [
-        check("POPE adversarial F1 >= teacher - delta", student["POPE F1 adv"], teacher["POPE F1 adv"] - gate.pope_adversarial_f1_delta, True),
-        check("VQA accuracy >= floor", student["VQA acc"], gate.vqa_accuracy_floor, True),
-        check("CHAIR-i <= teacher + margin", student["CHAIR-i"], teacher["CHAIR-i"] + gate.chair_i_margin, False),
-        check("object recall >= teacher - delta", student["object recall"], teacher["object recall"] - gate.object_recall_delta, True),
+        check("VQA accuracy >= teacher - delta", student["VQA acc"], teacher["VQA acc"] - understanding, True),
+        check("object recall >= teacher - delta", student["object recall"], teacher["object recall"] - understanding, True),
+        check("POPE adversarial F1 >= teacher - margin", student["POPE F1 adv"], teacher["POPE F1 adv"] - hallucination, True),
+        check("CHAIR-i <= teacher + margin", student["CHAIR-i"], teacher["CHAIR-i"] + hallucination, False),
+        check("partner hallucination <= teacher + margin", student["partner halluc."], teacher["partner halluc."] + hallucination, False),
     ]
 
 
