@@ -595,9 +595,11 @@ def _sample_grid(paths: StagePaths) -> Path | None:
         return None
     first = Image.open(images[0])
     side = first.width
-    grid = Image.new("RGB", (side * 8, side * ((len(images) + 7) // 8)))
+    gap = max(2, side // 16)  # a white border, so that neighbouring images cannot be mistaken for one
+    cell = side + gap
+    grid = Image.new("RGB", (cell * 8 + gap, cell * ((len(images) + 7) // 8) + gap), "white")
     for i, path in enumerate(images):
-        grid.paste(Image.open(path).convert("RGB"), ((i % 8) * side, (i // 8) * side))
+        grid.paste(Image.open(path).convert("RGB"), (gap + (i % 8) * cell, gap + (i // 8) * cell))
     paths.plots.mkdir(parents=True, exist_ok=True)
     out = paths.plots / "world_samples.png"
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out)
