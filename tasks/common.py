@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -139,3 +140,18 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
 
 class StageFailure(RuntimeError):
     """Base of every error a stage reports as a clean failure (message, exit 1), not a traceback."""
+
+
+STAGING = ".staging"  # a stage's outputs are built beside their final names and renamed into place on success
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with renames: at every moment one complete version exists."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model import world as W
 from model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, save_tokenizer, train_tokenizer
-from tasks.common import StageFailure, StagePaths, run_stage, write_json, write_jsonl
+from tasks.common import STAGING, StageFailure, StagePaths, run_stage, swap_in, write_json, write_jsonl
 from tasks.params import CurateParams, LlavaJsonSource, Params, PreferenceSource
 
 REASONS = {
@@ -351,27 +351,12 @@ def conversation_text(record: dict, preference: bool) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-STAGING = ".staging"
-
-
 def staged(paths: StagePaths) -> StagePaths:
     """``paths`` with the stage's folders (world, curated, tokenizer) moved to their staging names."""
     out = copy.copy(paths)
     out.world, out.curated, out.tokenizer = (p.with_name(p.name + STAGING) for p in (paths.world, paths.curated, paths.tokenizer))
     out.probes = out.curated / "probes"
     return out
-
-
-def swap_in(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` with renames: at every moment one complete version exists."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def curate(params: Params, paths: StagePaths, show_progress: bool = True) -> dict:

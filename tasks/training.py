@@ -27,7 +27,7 @@ from pathlib import Path
 
 from model.lifetime import die_with_parent
 from tasks import tracking
-from tasks.common import StageFailure, StagePaths, read_jsonl, write_json
+from tasks.common import STAGING, StageFailure, StagePaths, read_jsonl, swap_in, write_json
 from tasks.params import REPO, Params, TrainingParams
 
 LOG_TAIL_BYTES = 6000
@@ -105,10 +105,12 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
     """
     section = job.section
     run_dir = prepare_run(paths, job.stage)
+    # The job writes beside job.out; only a stage that finished, MLflow included, replaces it.
+    staging = job.out.with_name(job.out.name + STAGING)
     spec = {
         "stage": job.stage,
         "init": str(job.init),
-        "out": str(job.out),
+        "out": str(staging),
         "teacher": str(job.teacher) if job.teacher else None,
         "reference": job.reference,
         "dpo": job.dpo,
@@ -173,7 +175,8 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
     write_json(paths.metrics / f"{job.stage}.json", metrics)
     plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
     write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
-    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=job.out)
+    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staging)
+    swap_in(staging, job.out)
     # Finished: the resumable state has done its job and a later run starts clean.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state["finished"] = True

@@ -96,6 +96,24 @@ def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, m
     assert "mimic_dense failed" in err and "exited with code" in err and "last lines of" in err
 
 
+def test_a_stage_that_fails_after_its_job_keeps_the_previous_checkpoint(project, tmp_path, capsys, monkeypatch):
+    """The job trained and saved, then MLflow went away: models/student_dense must still be the last good one."""
+    from tasks import tracking
+
+    root = copy_inputs(project, tmp_path / "lost", "data/curated", "models/teacher", "models/student_align", "models/student_dense")
+    before = (root / "models/student_dense/model.safetensors").read_bytes()
+
+    def tracking_lost(*args, **kwargs):
+        raise tracking.TrackingError("tracking server http://127.0.0.1:5000 unreachable (test)")
+
+    monkeypatch.setattr(tracking, "finish_run", tracking_lost)
+    monkeypatch.chdir(root)
+    assert mimic_dense.main(["--params", "params.yaml"]) == 1
+    assert "unreachable" in capsys.readouterr().err
+    assert (root / "models/student_dense/model.safetensors").read_bytes() == before
+    assert (root / "models/student_dense.staging/model.safetensors").exists()  # the new weights wait beside it
+
+
 def ranks_running_in(root: Path) -> list[int]:
     import psutil
 
