@@ -29,6 +29,11 @@ class _PilFallbackNotice(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+if not torch.cuda.is_available():
+    # Named, DeepSpeed skips its accelerator detection, which warns in the stage (transformers asks
+    # DeepSpeed about ZeRO-3 when it saves) and in every rank that it fell back to the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # Before transformers resolves CLIPImageProcessor, which is where it warns.
 logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackNotice())
 

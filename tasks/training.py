@@ -208,11 +208,6 @@ class RunningJob:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // section.world_size)))
         env.setdefault("TORCH_EXTENSIONS_DIR", str((REPO / ".cache" / "torch_extensions").resolve()))
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import torch
-
-        if not torch.cuda.is_available():
-            # Named, DeepSpeed skips its detection, which warns in every rank that it fell back to the CPU.
-            env.setdefault("DS_ACCELERATOR", "cpu")
         env["PYTHONUNBUFFERED"] = "1"
         self.command = launch_command(spec_path, section)
         self.log_path = log_path
