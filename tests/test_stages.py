@@ -97,7 +97,10 @@ def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, m
 
 
 def test_a_stage_that_fails_after_its_job_keeps_the_previous_checkpoint(project, tmp_path, capsys, monkeypatch):
-    """The job trained and saved, then MLflow went away: models/student_dense must still be the last good one."""
+    """The job trained and saved, then MLflow went away: models/student_dense must still be the last good one.
+
+    The job's own weights, trained again from the same inputs, are bit-identical to the project's run.
+    """
     from tasks import tracking
 
     root = copy_inputs(project, tmp_path / "lost", "data/curated", "models/teacher", "models/student_align", "models/student_dense")
@@ -111,7 +114,9 @@ def test_a_stage_that_fails_after_its_job_keeps_the_previous_checkpoint(project,
     assert mimic_dense.main(["--params", "params.yaml"]) == 1
     assert "unreachable" in capsys.readouterr().err
     assert (root / "models/student_dense/model.safetensors").read_bytes() == before
-    assert (root / "models/student_dense.staging/model.safetensors").exists()  # the new weights wait beside it
+    rerun = load_file(root / "models/student_dense.staging/model.safetensors")  # the new weights wait beside it
+    first = load_file(project / "models/student_dense/model.safetensors")
+    assert rerun.keys() == first.keys() and all(torch.equal(rerun[k], first[k]) for k in first), "a rerun must reproduce the weights"
 
 
 def ranks_running_in(root: Path) -> list[int]:
