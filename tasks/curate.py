@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -313,6 +313,8 @@ def check_image(data: bytes, params: CurateParams) -> tuple[str, str]:
     rejected without being decoded. Any error of the image library quarantines the record.
     """
     low, high = params.min_image_side, params.max_image_side
+    # lmms-eval sets this process-wide on import; a truncated image must fail here all the same.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -328,6 +330,8 @@ def check_image(data: bytes, params: CurateParams) -> tuple[str, str]:
         raise Rejected("image_size", f"decompression bomb: {_without_addresses(error)}") from None
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise Rejected("image_undecodable", f"{type(error).__name__}: {_without_addresses(error)}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return hashlib.sha256(data).hexdigest(), {"jpeg": "jpg"}.get(fmt, fmt)
 
 

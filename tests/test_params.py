@@ -141,14 +141,6 @@ def test_an_unknown_preset_is_reported_with_every_other_problem(tmp_path):
     assert {"preset", "recipe", "upcycle.top_k", "tracking.uri"} <= keys
 
 
-def test_a_bad_value_a_preset_masks_is_still_reported(tmp_path):
-    # presets/ci.yaml sets mimic_dense.steps; the value underneath is still checked.
-    with pytest.raises(ParamsError) as info:
-        load_params(write_params(tmp_path, {"preset": "ci", "mimic_dense": {"steps": "many"}}))
-    problem = next(p for p in info.value.problems if p.key == "mimic_dense.steps")
-    assert "masked by presets/ci.yaml" in problem.message and problem.origin == "params.yaml"
-
-
 @pytest.mark.parametrize("uri", ["sqlite:/x.db", "sqlite://", "htp://localhost:5000", "http//localhost:5000", "http://", "mlflow.db"])
 def test_a_malformed_tracking_uri_is_refused(tmp_path, uri):
     with pytest.raises(ParamsError, match=r"tracking.uri"):
