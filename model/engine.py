@@ -302,6 +302,21 @@ def token_shares(counts: list[int], step_tokens: float, world: int) -> list[floa
     return [count * len(counts) * world / max(step_tokens, 1.0) for count in counts]
 
 
+def run_rates(trained_steps: int, batch_size: int, tokens: int, seconds: float, history: Path) -> dict[str, float]:
+    """Samples and tokens per second of the steps this attempt trained.
+
+    An attempt resumed after the last checkpoint trains none: the attempt that trained the steps
+    measured them, in the history's last row (the final step always logs).
+    """
+    if not trained_steps:
+        last = json.loads(history.read_text().splitlines()[-1])
+        return {name: round(last[name], 2) for name in ("samples_per_second", "tokens_per_second")}
+    return {
+        "samples_per_second": round(trained_steps * batch_size / max(seconds, 1e-9), 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+    }
+
+
 def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
     """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays).
 
@@ -534,14 +549,7 @@ class TrainingRecipe:
         bar.close()
         seconds = time.time() - started
         dist.barrier()
-        trained = self.steps - self.start_step
-        rates = {
-            "samples_per_second": round(trained * self.batch_size / max(seconds, 1e-9), 2),
-            "tokens_per_second": round(tokens * self.world / max(seconds, 1e-9), 1),
-        }
-        if not trained:  # killed after the last checkpoint: the attempt that trained the steps measured them
-            last = json.loads((self.run_dir / "history.jsonl").read_text().splitlines()[-1])  # the final step always logs
-            rates = {name: round(last[name], 2) for name in rates}
+        rates = run_rates(self.steps - self.start_step, self.batch_size, tokens * self.world, seconds, self.run_dir / "history.jsonl")
         return {"steps": self.steps, "resumed_at": self.start_step, "seconds": round(seconds, 2), **rates, **self.counts}
 
     def _history(self):

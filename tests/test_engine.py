@@ -134,3 +134,12 @@ def test_distill_all_tokens_takes_the_kl_at_every_text_position(tiny_llava, tiny
     expected = forward_kl(student[text], teacher_logits[text]).mean()
     assert everywhere["kl_response"].item() == pytest.approx(expected.item(), rel=1e-4)
     assert everywhere["kl_response"].item() != pytest.approx(response_only["kl_response"].item(), rel=1e-3)
+
+
+def test_a_run_resumed_after_its_last_checkpoint_reports_the_rate_its_steps_were_trained_at(tmp_path):
+    from model.engine import run_rates
+
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"step": 10, "samples_per_second": 50.0, "tokens_per_second": 4000.0}\n')
+    assert run_rates(0, 32, 0, 0.4, history) == {"samples_per_second": 50.0, "tokens_per_second": 4000.0}  # was 0.0
+    assert run_rates(10, 32, 8000, 2.0, history) == {"samples_per_second": 160.0, "tokens_per_second": 4000.0}
