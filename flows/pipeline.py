@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,10 @@ def run_stage(stage: str, workdir: str, flow_run_id: str = "") -> dict:
     output = process.stdout
     skipped = "didn't change, skipping" in output
     logger.info("%s: %s", stage, "unchanged, skipped by DVC" if skipped else "ran")
+    # The stage's own summary lines ("mimic_dense: 500 steps in ...") reach the Prefect UI and
+    # `--watch`, not only the worker's log; progress bars and library noise stay out.
+    for line in stage_summary(output, stage):
+        logger.info("%s", line)
     if process.returncode != 0:
         tail = output[-LOG_TAIL:]
         if is_transient(output):
@@ -93,6 +98,12 @@ def run_stage(stage: str, workdir: str, flow_run_id: str = "") -> dict:
         raise StageFailed(f"stage {stage} failed (dvc repro exited {process.returncode}):\n{tail}")
     metrics = publish(stage, Path(workdir))
     return {"stage": stage, "skipped": skipped, "metrics": metrics}
+
+
+def stage_summary(output: str, stage: str) -> list[str]:
+    """The lines a stage prints about itself: those starting with its name, without progress-bar redraws."""
+    lines = (part.strip() for line in output.splitlines() for part in line.split("\r")[-1:])
+    return [line for line in lines if line.startswith(f"{stage}: ") and not re.search(r"\d+%\|", line)]
 
 
 def publish(stage: str, root: Path) -> dict:

@@ -54,21 +54,29 @@ start() {
 }
 
 stop() {
-    # The worker ignores SIGTERM; SIGINT stops it. Everything else stops on SIGTERM.
+    # All at once, each signal to every process group that is still alive, so stopping takes as
+    # long as the slowest service, not their sum. The worker ignores SIGTERM; SIGINT stops it.
+    local names=() pids=()
     for name in worker s3 mlflow prefect-server; do
         local pidfile=$RUN/$name.pid
         [[ -f $pidfile ]] || continue
         local pid; pid=$(cat "$pidfile")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -INT -- "-$pid" 2>/dev/null || true
-            for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-            kill -TERM -- "-$pid" 2>/dev/null || true
-            for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-            kill -KILL -- "-$pid" 2>/dev/null || true
-            echo "$name: stopped"
-        fi
         rm -f "$pidfile"
+        kill -0 "$pid" 2>/dev/null || continue
+        names+=("$name"); pids+=("$pid")
     done
+    for signal in INT TERM KILL; do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && { kill -"$signal" -- "-$pid" 2>/dev/null || true; alive=1; }; done
+        ((alive)) || break
+        for _ in $(seq 40); do
+            alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.25
+        done
+    done
+    for name in "${names[@]}"; do echo "$name: stopped"; done
 }
 
 status() {

@@ -47,3 +47,15 @@ def test_prefect_deployment_file():
     assert deployment["name"] == "local" and deployment["work_pool"]["name"] == "tinymod-local"
     module, function = deployment["entrypoint"].split(":")
     assert (REPO / module).exists() and f"def {function}(" in (REPO / module).read_text()
+
+
+def test_the_flow_logs_each_stages_own_summary_lines_not_its_progress_bars():
+    from flows.pipeline import stage_summary
+
+    output = (
+        "Running stage 'mimic_dense':\n> python -m tasks.mimic_dense\n"
+        "mimic_dense:  10%|#   | 50/500 [00:10<01:30]\rmimic_dense: 100%|####| 500/500 [01:40<00:00]\n"
+        "[WARNING] something from a library\nmimic_dense: 500 steps in 100 s (160 samples/s); loss 1.23\n"
+        "align: not this stage\nUpdating lock file 'dvc.lock'\n"
+    )
+    assert stage_summary(output, "mimic_dense") == ["mimic_dense: 500 steps in 100 s (160 samples/s); loss 1.23"]
