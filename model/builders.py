@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,9 @@ from tasks.params import TextParams, VisionParams
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: the stage's own bar is the progress
+# An MoE student without a shared expert has one of zero width (exactly nothing, see model/upcycle.py);
+# torch warns that initialising it does nothing, in every stage and rank that builds one.
+warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op", category=UserWarning)
 
 
 class CheckpointError(ValueError):

@@ -82,9 +82,10 @@ def answer_records(answerer: Answerer, records: list[dict], image_root: Path, ma
 
 
 def score_probes(
-    checkpoint: Path, probes: Path, image_root: Path, vocabulary: list[str], limit: int | None = None, batch_size: int = 64
+    checkpoint: Path, probes: Path, image_root: Path, vocabulary: list[str], limit: int | None = None, batch_size: int = 64,
+    pope_splits: tuple[str, ...] = ("random", "popular", "adversarial"),
 ) -> dict:
-    """VQA accuracy, POPE per split and caption CHAIR of ``checkpoint`` on the embedded probes.
+    """VQA accuracy, POPE per split (``pope_splits``) and caption CHAIR of ``checkpoint`` on the embedded probes.
 
     A quick in-process check for the training stages; the evaluate stage scores the same probes
     through lmms-eval with the same metric functions.
@@ -102,7 +103,7 @@ def score_probes(
     vqa = load("vqa")
     predictions = answer_records(answerer, vqa, image_root, max_new_tokens=12, batch_size=batch_size)
     scores: dict = {"vqa": vqa_scores(predictions, [r["answer"] for r in vqa], [r["question_type"] for r in vqa])}
-    for split in ("random", "popular", "adversarial"):
+    for split in pope_splits:
         records = load(f"pope_{split}")
         predictions = answer_records(answerer, records, image_root, max_new_tokens=3, batch_size=batch_size)
         scores[f"pope_{split}"] = pope_scores(predictions, [r["answer"] for r in records])

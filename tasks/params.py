@@ -428,9 +428,9 @@ class EvaluateParams(Section):
     )
     """lmms-eval task names: the embedded probes (tinymod_*) or any lmms-eval task (pope, mme, gqa, ...) whose data is reachable."""
     models: list[Literal["teacher", "align", "dense", "baseline", "moe", "pref"]] = Field(
-        default_factory=lambda: ["teacher", "align", "baseline", "dense", "moe", "pref"]
+        default_factory=lambda: ["teacher", "baseline", "dense", "moe", "pref"]
     )
-    """Checkpoints to score."""
+    """Checkpoints to score (`align` too: the aligned student, before it learns to answer)."""
     batch_size: int = Field(32, ge=1)
     """Requests per generate call."""
     limit: int | None = Field(None, ge=1)

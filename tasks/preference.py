@@ -44,7 +44,7 @@ def hallucination_change(params: Params, paths: StagePaths) -> dict:
     vocabulary = params.curate.world.shapes
     out = {}
     for when, name in (("before", "moe"), ("after", "pref")):
-        scores = score_probes(paths.student(name), paths.probes, paths.curated, vocabulary, limit=params.evaluate.limit)
+        scores = score_probes(paths.student(name), paths.probes, paths.curated, vocabulary, limit=params.evaluate.limit, pope_splits=("adversarial",))
         out[when] = {
             "chair_i": scores["caption"]["chair_i"],
             "chair_s": scores["caption"]["chair_s"],

@@ -134,10 +134,9 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] if history_file.exists() else []
     plot_history(history, paths.plots / "teacher_loss.png", f"teacher (imported from {params.teacher.source})")
     write_json(paths.metrics / "history" / "teacher.json", history)  # the loss curve for `dvc plots`
+    # Scored by the evaluate stage, with every student, through lmms-eval: scoring it here too was the
+    # same work twice (~35 s of the embedded default).
     metrics = {"source": params.teacher.source, "sha256": digest, **{f"{k}_parameters": v for k, v in parameter_counts(model).items()}}
-    if (paths.probes / "vqa.jsonl").exists() and (paths.probes / "vqa.jsonl").stat().st_size:
-        metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)
-        metrics["checks"] = teacher_checks(metrics["probes"])
     write_json(paths.metrics / "teacher.json", metrics)
     return metrics
 
@@ -149,7 +148,7 @@ def teacher(params: Params, paths: StagePaths) -> dict:
 def summary(metrics: dict) -> str:
     probes = metrics.get("probes")
     if not probes:
-        return f"imported {metrics['source']}"
+        return f"imported {metrics['source']} (SHA-256 {metrics['sha256'][:12]}...); the evaluate stage scores it"
     return (
         f"VQA accuracy {probes['vqa']['accuracy']:.3f}, POPE F1 random {probes['pope_random']['f1']:.3f}"
         f" / popular {probes['pope_popular']['f1']:.3f} / adversarial {probes['pope_adversarial']['f1']:.3f},"

@@ -107,7 +107,7 @@ def test_registering_the_same_checkpoint_again_adds_no_version(project):
 
 def test_evaluation_outputs(project):
     scores = json.loads((project / "metrics/eval.json").read_text())
-    assert set(scores["models"]) == {"teacher", "align", "baseline", "dense", "moe", "pref"}
+    assert set(scores["models"]) == {"teacher", "baseline", "dense", "moe", "pref"}
     pref = scores["models"]["pref"]
     assert {"pope_f1", "pope_yes_ratio", "pope_accuracy", "pope_unparsed"} <= set(pref["tasks"]["tinymod_pope_adversarial"])
     assert {"vqa_accuracy", "vqa_accuracy_count"} <= set(pref["tasks"]["tinymod_vqa"])
