@@ -54,4 +54,4 @@ def test_claim_verdicts():
     assert "POPE acc adv 0.300 vs 0.300: within the seeds' spread" in lines
     assert "VQA acc 0.497 vs 0.500: no loss" in lines
     assert "object recall 0.700 vs 0.900: a loss beyond the seeds' spread" in lines
-    assert "(b)" not in lines and "(d)" not in lines  # rows (5), (6), (7) are missing: those claims are left out, not guessed
+    assert "(b)" not in lines and "(d)" not in lines  # rows (5) and (6) are missing: those claims are left out, not guessed
