@@ -72,7 +72,7 @@ def register(params: Params, paths: StagePaths) -> dict:
     if missing:
         raise RegisterError(f"metrics/eval.json has no scores for {missing}; add them to evaluate.models")
     student, teacher = headline(scores[r.model]), headline(scores["teacher"])
-    needed = {"POPE F1 adv", "VQA acc", "CHAIR-i", "object recall"}
+    needed = {"POPE F1 adv", "VQA acc", "CHAIR-i", "object recall", "partner halluc."}
     if not needed <= set(student) or not needed <= set(teacher):
         raise RegisterError("the gate needs tinymod_pope_adversarial, tinymod_vqa and tinymod_caption in evaluate.tasks")
     checks = gate_checks(student, teacher, r.gate)
