@@ -197,3 +197,19 @@ def test_approval_pauses_the_flow_before_champion_moves(project):
     tags = mlflow_client(project).get_model_version_by_alias("tinymod-student", "champion").tags
     assert "approved by a reviewer: checked the review card" in tags["tinymod.champion_reason"]
     assert "tinymod.awaiting_approval" not in tags
+
+
+def test_register_after_an_imported_teacher(project, tmp_path):
+    """An import writes no steps, seconds or trainable counts: register must not need them (it raised KeyError: 'steps')."""
+    import shutil
+
+    root = tmp_path / "imported"
+    # A fresh MLflow store: the project's experiment points at the project's own artifact folder.
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns(".cache", ".mlflow"), symlinks=True)
+    trained = json.loads((root / "metrics/teacher.json").read_text())
+    imported = {"source": "/checkpoints/llava-1.5-7b", "sha256": trained["sha256"], "total_parameters": trained["total"]}
+    (root / "metrics/teacher.json").write_text(json.dumps(imported))
+    out = subprocess.run([sys.executable, "-m", "tasks.register"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    review = (root / "reports/review.md").read_text()
+    assert "| teacher | imported" in review
