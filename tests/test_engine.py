@@ -43,8 +43,8 @@ def test_select_trainable_freezes_the_rest_and_refuses_what_is_not_there(tiny_ll
     select_trainable(moe, ["experts", "router", "mlp"])
     names = {n for n, p in moe.named_parameters() if p.requires_grad}
     assert any(".mlp.experts." in n for n in names) and any(n.endswith(".mlp.gate.weight") for n in names)
-    # `mlp` is the dense FFN of the layers that stayed dense (0 and 2), nothing else.
-    assert {n.split(".mlp.")[0].rsplit(".", 1)[-1] for n in names if ".mlp.gate_proj" in n} == {"0", "2"}
+    # `mlp` is the dense FFN of the layers that stayed dense (1 and 3: every_other makes 0 and 2 sparse), nothing else.
+    assert {n.split(".mlp.")[0].rsplit(".", 1)[-1] for n in names if ".mlp.gate_proj" in n} == {"1", "3"}
     assert not any("self_attn" in n or "vision_tower" in n for n in names)
 
 
