@@ -102,7 +102,7 @@ def run_stage(stage: str, workdir: str, flow_run_id: str = "") -> dict:
 
 def stage_summary(output: str, stage: str) -> list[str]:
     """The lines a stage prints about itself: those starting with its name, without progress-bar redraws."""
-    lines = (part.strip() for line in output.splitlines() for part in line.split("\r")[-1:])
+    lines = (line.split("\r")[-1].strip() for line in output.splitlines())  # a bar's redraws share one line
     return [line for line in lines if line.startswith(f"{stage}: ") and not re.search(r"\d+%\|", line)]
 
 
