@@ -12,6 +12,7 @@ Vicuna, ...), not only the embedded one.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,15 @@ def subsample(records: list[dict], fraction: float, seed: int) -> list[dict]:
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     return [records[i] for i in sorted(order[:keep])]
+
+
+def stage_records(files: list[str], fraction: float, seed: int) -> list[dict]:
+    """The records a training stage reads: its split files, subsampled (the teacher cache reads the same)."""
+    records = []
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            records += [json.loads(line) for line in handle if line.strip()]
+    return subsample(records, fraction, seed)
 
 
 class ConversationDataset(Dataset):

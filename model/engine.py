@@ -30,16 +30,17 @@ from tqdm import tqdm
 
 from model.builders import load_llava, save_checkpoint
 from model.lifetime import die_with_parent
-from model.data import Collator, ConversationDataset, PreferenceDataset, subsample
+from model.data import Collator, ConversationDataset, PreferenceDataset, stage_records
 from model.losses import (
+    chunked_relation,
     chunked_response_losses,
+    chunked_sequence_logprobs,
     load_balancing_loss,
     next_token_targets,
     preference_loss,
-    relation_distillation,
-    sequence_logprobs,
-    visual_kl,
+    relation_loss,
 )
+from model.teacher_cache import TeacherCache
 from model.upcycle import RouterLogits, parameter_counts, routers
 
 TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
@@ -108,7 +109,8 @@ class LiveTeacher:
     """The frozen teacher's outputs from a forward pass per batch.
 
     The engine asks only for hidden states at chosen positions and the logits of those
-    rows, so a cached top-k teacher pass can later stand behind the same two methods.
+    rows. A stage with ``teacher: {mode: cached}`` has none: its batches carry the teacher's
+    top-k rows from :class:`model.teacher_cache.TeacherCache` instead.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -127,8 +129,8 @@ class LiveTeacher:
         return self.model.lm_head(hidden_rows)
 
     @torch.no_grad()
-    def sequence_logprobs(self, input_ids, pixel_values, attention_mask, labels) -> torch.Tensor:
-        return sequence_logprobs(self.logits(self.hidden(input_ids, pixel_values, attention_mask)), labels)
+    def sequence_logprobs(self, input_ids, pixel_values, attention_mask, labels, chunk_size: int = 1024) -> torch.Tensor:
+        return chunked_sequence_logprobs(self.hidden(input_ids, pixel_values, attention_mask), self.model.lm_head, labels, chunk_size)
 
 
 # ---------------------------------------------------------------- the objective
@@ -180,15 +182,17 @@ class Objective(torch.nn.Module):
             return self.preference_terms(batch)
         return self.distillation_terms(batch)
 
-    def distillation_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def distillation_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The stage's terms; the teacher's side comes live, or as the cached rows the batch carries
+        (``teacher_response`` / ``teacher_visual`` top-k, ``teacher_relation``)."""
         w = self.weights
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         pixels = batch["pixel_values"].to(self.student.dtype)
+        head = self.student.lm_head
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
-        teacher_hidden = None
-        if any(getattr(w, term) for term in TEACHER_TERMS):
-            teacher_hidden = self.teacher.hidden(ids, batch["pixel_values"], mask)
+        live = self.teacher is not None and any(getattr(w, term) for term in TEACHER_TERMS)
+        teacher_hidden = self.teacher.hidden(ids, batch["pixel_values"], mask) if live else None
         terms: dict[str, torch.Tensor] = {}
         if w.ce or w.kl_response:
             response, targets = next_token_targets(labels)
@@ -196,20 +200,22 @@ class Objective(torch.nn.Module):
             # (image positions are kl_visual's); ce stays on the response.
             distilled = (mask.bool() & (ids != self.image_token)) if self.distill_all_tokens else response
             separate = w.kl_response and self.distill_all_tokens
+            live_kl = live and w.kl_response and not separate
             r = chunked_response_losses(
                 hidden[response],
-                self.student.lm_head,
+                head,
                 targets[response],
-                teacher_logits_of=self.teacher.logits if w.kl_response and not separate else None,
-                teacher_hidden=teacher_hidden[response] if w.kl_response and not separate else None,
+                teacher_logits_of=self.teacher.logits if live_kl else None,
+                teacher_hidden=teacher_hidden[response] if live_kl else None,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
                 ce=bool(w.ce),
+                teacher_topk=batch.get("teacher_response") if w.kl_response else None,
             )
             kl = r.kl
             if separate:
                 kl = chunked_response_losses(
-                    hidden[distilled], self.student.lm_head, targets.new_zeros(int(distilled.sum())), self.teacher.logits,
+                    hidden[distilled], head, targets.new_zeros(int(distilled.sum())), self.teacher.logits,
                     teacher_hidden[distilled], self.temperature, self.chunk_size, ce=False,
                 ).kl  # fmt: skip
             share = batch.get("token_share", 1.0)
@@ -220,12 +226,24 @@ class Objective(torch.nn.Module):
         if w.kl_visual or w.relation:
             image = ids == self.image_token
             per_sample = int(image[0].sum())
-            student_visual = self.student.lm_head(hidden[image]).view(ids.shape[0], per_sample, -1)
-            teacher_visual = self.teacher.logits(teacher_hidden[image]).view(ids.shape[0], per_sample, -1)
+            student_rows = hidden[image]
             if w.kl_visual:
-                terms["kl_visual"] = visual_kl(student_visual, teacher_visual, self.temperature)
+                # Image tokens are the same number per sample: the mean over rows is LLaVA-KD's mean over (b, j).
+                terms["kl_visual"] = chunked_response_losses(
+                    student_rows, head, ids.new_zeros(student_rows.shape[0]),
+                    teacher_logits_of=self.teacher.logits if live else None,
+                    teacher_hidden=teacher_hidden[image] if live else None,
+                    temperature=self.temperature, chunk_size=self.chunk_size, ce=False,
+                    teacher_topk=batch.get("teacher_visual"),
+                ).kl  # fmt: skip
             if w.relation:
-                terms["relation"] = relation_distillation(student_visual, teacher_visual)
+                shape = (ids.shape[0], per_sample, -1)
+                student_relation = chunked_relation(student_rows.view(shape), head, self.chunk_size)
+                if live:
+                    teacher_relation = chunked_relation(teacher_hidden[image].view(shape), self.teacher.model.lm_head, self.chunk_size)
+                else:
+                    teacher_relation = batch["teacher_relation"]
+                terms["relation"] = relation_loss(student_relation, teacher_relation)
         if w.router_aux:
             terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
         return self._total(terms)
@@ -236,7 +254,7 @@ class Objective(torch.nn.Module):
         pixels = batch["pixel_values"].to(self.student.dtype).repeat(2, 1, 1, 1)
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
-        logps = sequence_logprobs(self.student.lm_head(hidden), labels)
+        logps = chunked_sequence_logprobs(hidden, self.student.lm_head, labels, self.chunk_size)
         pairs = ids.shape[0] // 2
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
         reference = batch["reference_logps"]  # [B, 2], computed once per pair at setup
@@ -399,16 +417,19 @@ class TrainingRecipe:
         if self.weights.router_aux and not routers(student):
             raise ValueError(f"{self.stage}.loss.router_aux > 0 but the student has no MoE layer; upcycle it first")
 
-        # The teacher, frozen, only if a term needs it; the DPO reference (teacher or the
-        # student's own starting point), frozen too.
+        # The teacher, frozen, only if a term needs it and no cache stands in for it; the DPO
+        # reference (teacher or the student's own starting point), frozen too.
+        cache = self.spec.get("teacher_cache")
         teacher = None
-        if any(getattr(self.weights, t) for t in TEACHER_TERMS) or self.spec.get("reference") == "teacher":
+        needs_teacher = any(getattr(self.weights, t) for t in TEACHER_TERMS) and not cache
+        if needs_teacher or self.spec.get("reference") == "teacher":
             teacher = self._frozen(self.spec["teacher"], student, dtype)
         if self.spec.get("reference"):
             reference = teacher if self.spec["reference"] == "teacher" else self._frozen(self.spec["init"], student, dtype)
 
         # The data: this stage's splits, the same subsample on every rank.
         self.dataset = self._dataset(student.config.image_seq_length)
+        self.cache = self._open_cache(cache, student) if cache else None
         if self.spec.get("reference"):
             self.reference_logps = self._reference_logps(reference)
             del reference  # its log-probs are all the stage needs from it
@@ -439,15 +460,27 @@ class TrainingRecipe:
             raise ValueError(f"{path}: vocabulary of {teacher_vocab} tokens, the student has {student_vocab}; KL and DPO need one vocabulary")
         return model
 
+    def _open_cache(self, cache: dict, student) -> TeacherCache:
+        """The teacher cache, checked against this stage's teacher, tokenizer and data before any step."""
+        opened = TeacherCache(Path(cache["path"]))
+        opened.check(cache["expect"])
+        vocab = student.config.text_config.vocab_size
+        if opened.header["vocab_size"] != vocab:
+            raise ValueError(f"{cache['path']}: cached over {opened.header['vocab_size']} tokens, the student has {vocab}; KL needs one vocabulary")
+        if cache["top_k"] > opened.header["top_k"]:
+            raise ValueError(f"{self.stage}.teacher.top_k is {cache['top_k']}, the cache holds {opened.header['top_k']}; run `dvc repro teacher_cache`")
+        for term, part in (("kl_visual", "visual"), ("relation", "relation")):
+            if getattr(self.weights, term) and not opened.header[part]:
+                raise ValueError(f"{cache['path']}: made without {part} rows, which {self.stage}.loss.{term} reads; run `dvc repro teacher_cache`")
+        self.cached_rows = opened.locate(self.dataset.records, self.dataset.encoded, self.stage)
+        self.cache_top_k = cache["top_k"]
+        return opened
+
     def _dataset(self, image_tokens: int):
         from transformers import AutoProcessor, AutoTokenizer
 
         data = self.spec["data"]
-        records = []
-        for path in data["files"]:
-            with open(path, encoding="utf-8") as handle:
-                records += [json.loads(line) for line in handle if line.strip()]
-        records = subsample(records, data["fraction"], self.seed)
+        records = stage_records(data["files"], data["fraction"], self.seed)
         if not records:
             raise ValueError(f"{self.stage}: no records in {data['files']} (fraction {data['fraction']})")
         tokenizer = AutoTokenizer.from_pretrained(self.spec["init"])
@@ -465,7 +498,8 @@ class TrainingRecipe:
             batch = self._to_device(self.collate([self.dataset[i] for i in indices[start : start + 32]]))
             for column, side in enumerate(("chosen", "rejected")):
                 out[start : start + 32, column] = reference.sequence_logprobs(
-                    batch[f"{side}_input_ids"], batch["pixel_values"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"]
+                    batch[f"{side}_input_ids"], batch["pixel_values"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
+                    self.spec["chunk_size"],
                 ).float().cpu()
         return out
 
@@ -478,8 +512,20 @@ class TrainingRecipe:
             print(f"{self.stage}: resumed from the checkpoint at step {step} of {self.steps}", flush=True)
         return step
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _cached_teacher(self, chunk: list[int]) -> dict:
+        """The teacher's rows for the records of one micro-batch, in the order the objective reads them."""
+        rows = self.cached_rows[chunk]
+        out = {}
+        if self.weights.kl_response:
+            out["teacher_response"] = self.cache.response_rows(rows, self.cache_top_k)
+        if self.weights.kl_visual:
+            out["teacher_visual"] = self.cache.visual_rows(rows, self.cache_top_k)
+        if self.weights.relation:
+            out["teacher_relation"] = self.cache.relation(rows)
+        return out
 
     def _micro_batches(self, step: int):
         import deepspeed.comm as dist
@@ -493,6 +539,8 @@ class TrainingRecipe:
             batch = self.collate([self.dataset[i] for i in chunk])
             if hasattr(self, "reference_logps"):
                 batch["reference_logps"] = self.reference_logps[chunk]
+            if self.cache is not None:
+                batch.update(self._cached_teacher(chunk))
             batches.append(batch)
         counts = [response_tokens(batch) for batch in batches]
         step_tokens = torch.tensor(float(sum(counts)), device=self.device)

@@ -61,6 +61,66 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 
 @dataclass
+class TopK:
+    """A teacher's distribution kept as its ``k`` most likely tokens and one bucket for the rest.
+
+    ``ids`` and ``logprobs`` are ``[N, k]`` (log-probs at temperature 1, largest first); ``tail`` is
+    ``[N]``, the log of the mass outside the top ``k`` (``-inf`` when ``k`` is the whole vocabulary).
+    ``k + 1`` outcomes whose probabilities sum to one: a KL against them is a proper divergence.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def to(self, device) -> TopK:
+        return TopK(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
+
+    def __getitem__(self, rows) -> TopK:
+        return TopK(self.ids[rows], self.logprobs[rows], self.tail[rows])
+
+    def truncate(self, k: int) -> TopK:
+        """The top ``k`` of a larger top-k, the dropped tokens' mass folded into the tail (exact)."""
+        if k >= self.ids.shape[-1]:
+            return self
+        tail = torch.logsumexp(torch.cat([self.tail[:, None], self.logprobs[:, k:]], dim=-1), dim=-1)
+        return TopK(self.ids[:, :k], self.logprobs[:, :k], tail)
+
+
+def sparse_forward_kl(student_logits: torch.Tensor, teacher: TopK, temperature: float = 1.0) -> torch.Tensor:
+    """Row-wise forward KL(teacher || student) over the teacher's top-k tokens plus one tail bucket.
+
+    ``KL_i = T^2 * sum_{b in topk + tail} p_t(b) (log p_t(b) - log p_s(b))``, where the student's
+    tail is its mass outside the teacher's top-k. On those ``k + 1`` buckets both are distributions,
+    so the value is a divergence: >= 0, zero when the student matches, and never above the exact
+    KL (the data-processing inequality); with ``k = V`` it is the exact one. Temperature as in
+    :func:`forward_kl`: the student's logits are divided by ``T``; the teacher's kept log-probs and
+    its tail bucket are tempered as ``k + 1`` logits (exact at ``T = 1``, every recipe's value: the
+    tail's own spread is not stored).
+
+    Args:
+        student_logits: ``[N, V]``.
+        teacher: top-k rows for the same ``N`` positions.
+        temperature: ``T > 0``.
+
+    Returns:
+        ``[N]`` per-row KL in nats.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    q_top = log_q.gather(-1, teacher.ids.long())
+    # The student's mass outside the teacher's top-k, from its remaining logits (stable where it is tiny).
+    q_tail = torch.logsumexp(log_q.scatter(-1, teacher.ids.long(), float("-inf")), dim=-1)
+    log_p = F.log_softmax(torch.cat([teacher.logprobs.float(), teacher.tail.float()[:, None]], dim=-1) / temperature, dim=-1)
+    log_q = torch.cat([q_top, q_tail[:, None]], dim=-1)
+    p = log_p.exp()
+    # A bucket the teacher gives no mass (an empty tail) adds nothing, whatever the student puts there.
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1) * temperature**2
+
+
+@dataclass
 class ResponseLosses:
     """Means over response rows; ``rows`` is how many there were."""
 
@@ -78,6 +138,7 @@ def chunked_response_losses(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     ce: bool = True,
+    teacher_topk: TopK | None = None,
 ) -> ResponseLosses:
     """Cross-entropy and forward KL on response rows, never materialising all logits at once.
 
@@ -95,10 +156,12 @@ def chunked_response_losses(
         temperature: KL temperature.
         chunk_size: rows per chunk.
         ce: compute the cross-entropy term.
+        teacher_topk: the teacher's cached top-k rows instead of its logits; the KL is then
+            :func:`sparse_forward_kl`.
     """
     rows = student_hidden.shape[0]
     zero = student_hidden.sum() * 0.0
-    if rows == 0 or (not ce and teacher_logits_of is None):
+    if rows == 0 or (not ce and teacher_logits_of is None and teacher_topk is None):
         return ResponseLosses(zero, zero, rows)
     ce_sum, kl_sum = zero, zero
     for start in range(0, rows, chunk_size):
@@ -109,10 +172,17 @@ def chunked_response_losses(
             with torch.no_grad():
                 t_logits = teacher_logits_of(teacher_hidden[start:stop])
 
-        def chunk_terms(hidden: torch.Tensor, chunk_targets: torch.Tensor, t_logits=t_logits) -> tuple[torch.Tensor, torch.Tensor]:
+        t_topk = teacher_topk[start:stop] if teacher_topk is not None else None
+
+        def chunk_terms(hidden: torch.Tensor, chunk_targets: torch.Tensor, t_logits=t_logits, t_topk=t_topk) -> tuple[torch.Tensor, torch.Tensor]:
             logits = student_head(hidden).float()
             ce_part = F.cross_entropy(logits, chunk_targets, reduction="sum") if ce else logits.sum() * 0.0
-            kl_part = forward_kl(logits, t_logits, temperature).sum() if t_logits is not None else logits.sum() * 0.0
+            if t_topk is not None:
+                kl_part = sparse_forward_kl(logits, t_topk, temperature).sum()
+            elif t_logits is not None:
+                kl_part = forward_kl(logits, t_logits, temperature).sum()
+            else:
+                kl_part = logits.sum() * 0.0
             return ce_part, kl_part
 
         hidden = student_hidden[start:stop]
@@ -130,6 +200,8 @@ def visual_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
     ``L = mean_{b, j} KL(p_t(y_v[b, j]) || p_s(y_v[b, j]))`` over the ``Nv`` visual tokens of every
     sample (arXiv 2410.16236, eq. 5: the response and the visual tokens are both distilled).
+    The formula on materialised logits; the engine computes it chunked, as
+    :func:`chunked_response_losses` over the image rows (the tests hold the two equal).
 
     Args:
         student_logits: ``[B, Nv, V]`` (or ``[N, V]``) logits at image-token positions.
@@ -147,7 +219,8 @@ def relation_distillation(student_visual: torch.Tensor, teacher_visual: torch.Te
 
     ``R = y_v y_v^T`` (``[Nv, Nv]``) per sample, from the visual-token outputs ``y_v`` (``[Nv, V]``);
     the cosine is between the flattened matrices (arXiv 2410.16236, eq. 6-7). The student learns how
-    its visual tokens relate to one another, not their absolute values.
+    its visual tokens relate to one another, not their absolute values. The formula on
+    materialised logits; the engine builds ``R`` with :func:`chunked_relation` (held equal by the tests).
 
     Args:
         student_visual: ``[B, Nv, V]`` student outputs at image-token positions.
@@ -163,9 +236,48 @@ def relation_distillation(student_visual: torch.Tensor, teacher_visual: torch.Te
         raise ValueError(f"visual tokens differ: student {tuple(student_visual.shape)}, teacher {tuple(teacher_visual.shape)}")
     s = student_visual.float()
     t = teacher_visual.float()
-    r_s = (s @ s.transpose(1, 2)).flatten(1)
-    r_t = (t @ t.transpose(1, 2)).flatten(1)
-    return (1.0 - F.cosine_similarity(r_s, r_t, dim=-1)).mean()
+    return relation_loss((s @ s.transpose(1, 2)).flatten(1), (t @ t.transpose(1, 2)).flatten(1))
+
+
+def relation_loss(student_relation: torch.Tensor, teacher_relation: torch.Tensor) -> torch.Tensor:
+    """``mean_b 1 - cos(R_s[b], R_t[b])`` on flattened ``[B, Nv * Nv]`` relation matrices (RDist)."""
+    if student_relation.shape[0] == 0:
+        return student_relation.sum() * 0.0
+    return (1.0 - F.cosine_similarity(student_relation.float(), teacher_relation.float(), dim=-1)).mean()
+
+
+def chunked_relation(hidden: torch.Tensor, head: torch.nn.Linear, chunk_size: int = 1024) -> torch.Tensor:
+    """RDist's ``R = y_v y_v^T`` from hidden states, without the ``[B, Nv, V]`` logits.
+
+    ``y_v y_v^T = sum_c y_c y_c^T`` over column blocks ``y_c = h W_c^T (+ b_c)`` of the vocabulary,
+    so one block of ``[B, Nv, V_c]`` logits exists at a time, sized like a ``chunk_size``-row block
+    of the response terms (``B * Nv * V_c ~ chunk_size * V``); under activation checkpointing, as
+    there.
+
+    Args:
+        hidden: ``[B, Nv, H]`` the model's last hidden states at image-token positions.
+        head: its LM head (``H -> V``).
+        chunk_size: the row budget of one block (see above).
+
+    Returns:
+        ``[B, Nv * Nv]``, float32.
+    """
+    batch, tokens, _ = hidden.shape
+    vocab = head.weight.shape[0]
+    block = max(1, chunk_size * vocab // max(1, batch * tokens))
+
+    def block_gram(h: torch.Tensor, start: int) -> torch.Tensor:
+        bias = head.bias[start : start + block] if head.bias is not None else None
+        y = F.linear(h, head.weight[start : start + block], bias).float()
+        return y @ y.transpose(1, 2)
+
+    gram = hidden.new_zeros(batch, tokens, tokens, dtype=torch.float32)
+    for start in range(0, vocab, block):
+        if hidden.requires_grad or head.weight.requires_grad:
+            gram = gram + checkpoint(block_gram, hidden, start, use_reentrant=False)
+        else:
+            gram = gram + block_gram(hidden, start)
+    return gram.flatten(1)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,6 +332,35 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1)
+
+
+def chunked_sequence_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """:func:`sequence_logprobs` from hidden states, ``chunk_size`` response rows projected at a time.
+
+    The same sums, without the ``[B, T, V]`` logits: only response rows are projected, a chunk at
+    a time under activation checkpointing (as :func:`chunked_response_losses`).
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states.
+        head: the LM head (``H -> V``).
+        labels: ``[B, T]`` unshifted, ``-100`` outside the response.
+
+    Returns:
+        ``[B]``; 0 for a sequence with no response token.
+    """
+    mask, targets = next_token_targets(labels)
+    rows, picked_targets = hidden[mask], targets[mask]
+    owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
+    out = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+
+    def chunk_logprobs(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head(h).float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
+
+    for start in range(0, rows.shape[0], chunk_size):
+        h, t = rows[start : start + chunk_size], picked_targets[start : start + chunk_size]
+        logp = checkpoint(chunk_logprobs, h, t, use_reentrant=False) if h.requires_grad else chunk_logprobs(h, t)
+        out = out.index_add(0, owner[start : start + chunk_size], logp)
+    return out
 
 
 @dataclass

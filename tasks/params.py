@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
 # Written beside a trained teacher's weights: the world and recipe it learned from.
 TRAINED_ON = "tinymod_trained_on.json"
-STAGES = ("curate", "teacher", "align", "mimic_dense", "baseline", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
+STAGES = ("curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
 TRAINING_STAGES = ("align", "mimic_dense", "mimic_sparse", "preference")
 Split = Literal["general", "multitask", "preference"]
 Module = Literal[
@@ -281,6 +281,13 @@ class LossWeights(Section):
     """MoE load-balancing loss over the routers (MoE students only)."""
 
 
+class TeacherUse(Section):
+    mode: Literal["live", "cached"] = "live"
+    """live: the teacher runs in every step; cached: the stage reads the teacher_cache stage's top-k rows, and no teacher is loaded."""
+    top_k: int = Field(32, ge=1)
+    """With mode cached: the teacher's likeliest tokens kept per position (the rest is one tail bucket); at most teacher_cache.top_k."""
+
+
 class TrainingParams(Section):
     splits: list[Split] = Field(default_factory=lambda: ["general"], min_length=1)
     """Curated splits this stage trains on."""
@@ -295,7 +302,9 @@ class TrainingParams(Section):
     distill_all_tokens: bool = False
     """kl_response at every text position (prompt and chat template too), as LLaVA-MoD's option of that name; off: response tokens only."""
     chunk_size: int = Field(1024, ge=1)
-    """Response rows projected onto the vocabulary at a time for CE and KL (bounds logit memory)."""
+    """Rows projected onto the vocabulary at a time, for every term that reads logits (bounds logit memory)."""
+    teacher: TeacherUse = TeacherUse()
+    """Where the distillation terms read the teacher from: live, or the teacher_cache stage's output."""
     steps: int = Field(200, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(32, ge=1)
@@ -468,6 +477,13 @@ class RegisterParams(Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+class TeacherCacheParams(Section):
+    top_k: int = Field(32, ge=1)
+    """Teacher tokens stored per position; every cached stage reads its own teacher.top_k <= this."""
+    batch_size: int = Field(64, ge=1)
+    """Records per teacher forward pass."""
+
+
 class Params(Section):
     seed: int = 0
     """Seed of every stage's sampling and initialisation."""
@@ -483,6 +499,8 @@ class Params(Section):
     """Stage curate: sources, the embedded world, the tokenizer and record checks."""
     teacher: TeacherParams = TeacherParams()
     """Stage teacher: train the embedded teacher or import a real one."""
+    teacher_cache: TeacherCacheParams = TeacherCacheParams()
+    """Stage teacher_cache: the teacher's top-k outputs over the records of every stage with teacher.mode cached."""
     align: AlignParams = AlignParams(splits=["general"], fraction=0.06, steps=150)
     """Stage align: build the student and align its projector (LLaVA-KD's DPT with distillation terms on)."""
     mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
@@ -744,6 +762,14 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(Problem(f"{name}.loss.dpo", "the DPO term needs preference pairs: only the preference stage may use it"))
         if name in ("teacher.train",) and any(weights[k] for k in ("kl_response", "kl_visual", "relation")):
             problems.append(Problem(f"{name}.loss", "the teacher has no teacher: only ce (and router_aux) apply"))
+        if stage.teacher.mode == "cached":
+            if name in ("teacher.train", "preference"):
+                why = "the teacher has no teacher" if name == "teacher.train" else "preference scores its reference once per pair already"
+                problems.append(Problem(f"{name}.teacher.mode", f"{why}: use mode: live"))
+            if stage.distill_all_tokens:
+                problems.append(Problem(f"{name}.teacher.mode", "the cache holds response and image positions only: set distill_all_tokens: false or mode: live"))
+            if stage.teacher.top_k > p.teacher_cache.top_k:
+                problems.append(Problem(f"{name}.teacher.top_k", f"must be <= teacher_cache.top_k ({p.teacher_cache.top_k}), what the cache stores"))
         if name in ("teacher.train", "align", "mimic_dense") and weights["router_aux"]:
             problems.append(Problem(f"{name}.loss.router_aux", "the model is dense at this stage: router_aux needs an MoE student"))
         moe_only = {"experts", "router", "shared_expert"} & set(stage.modules)

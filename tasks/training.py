@@ -27,7 +27,7 @@ from pathlib import Path
 
 from model.lifetime import die_with_parent
 from tasks import tracking
-from tasks.common import STAGING, StageFailure, StagePaths, read_jsonl, swap_in, write_json
+from tasks.common import STAGING, StageFailure, StagePaths, files_sha256, read_jsonl, swap_in, write_json
 from tasks.params import REPO, Params, TrainingParams
 
 LOG_TAIL_BYTES = 6000
@@ -54,6 +54,26 @@ class Job:
     @property
     def preference(self) -> bool:
         return self.reference is not None
+
+
+TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
+
+
+def reads_cache(section: TrainingParams) -> bool:
+    """Whether a stage reads the teacher cache: mode cached and a loss term that needs the teacher."""
+    return section.teacher.mode == "cached" and any(getattr(section.loss, term) for term in TEACHER_TERMS)
+
+
+def cache_identity(teacher: Path, tokenizer: Path, data_files: list[Path]) -> dict:
+    """What a teacher cache must have been made from: the teacher's weights, the vocabulary, each data file."""
+    from model.teacher_cache import tokenizer_digest  # torch: only where a cache is read
+
+
+    return {
+        "teacher_sha256": files_sha256(sorted(teacher.glob("*.safetensors"))),
+        "tokenizer": tokenizer_digest(tokenizer),
+        "data": {f.name: files_sha256([f]) for f in data_files},
+    }
 
 
 def deepspeed_config(section: TrainingParams) -> dict:
@@ -125,8 +145,15 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
             "preference": job.preference,
         },
         "deepspeed": deepspeed_config(section),
+        "teacher_cache": None,
     }
+    if reads_cache(section):
+        if not (paths.teacher_cache / "header.json").exists():
+            raise StageError(f"{job.stage}: teacher.mode is cached but {paths.teacher_cache} holds no cache; run `dvc repro teacher_cache`")
+        spec["teacher_cache"] = {"path": str(paths.teacher_cache), "top_k": section.teacher.top_k}
     external = [p for p in [job.teacher, *job.data_files] if p is not None]
+    if spec["teacher_cache"]:
+        external.append(paths.teacher_cache / "header.json")
     if not job.init.is_relative_to(run_dir):
         external.append(job.init)
     fingerprint = _fingerprint(spec, external)
@@ -146,6 +173,15 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
         if not path.exists():
             raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
 
+    if spec["teacher_cache"]:
+        # Checked by the job against the cache's header before its first step.
+        spec["teacher_cache"]["expect"] = cache_identity(job.teacher, job.init, job.data_files)
+        from model.teacher_cache import TeacherCache
+
+        try:
+            TeacherCache(paths.teacher_cache).check(spec["teacher_cache"]["expect"])
+        except ValueError as error:
+            raise StageError(f"{job.stage}: {error}") from None
     spec_path = run_dir / "job.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     # The job boots (imports, process group) while this process opens the MLflow run.

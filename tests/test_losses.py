@@ -167,3 +167,86 @@ def test_bad_hyperparameters_are_refused():
         L.preference_loss(*[torch.zeros(1)] * 4, beta=0)
     with pytest.raises(ValueError, match="loss_type"):
         L.preference_loss(*[torch.zeros(1)] * 4, beta=0.1, loss_type="hinge")
+
+
+def _topk_of(probs: list[float], k: int) -> L.TopK:
+    logp = torch.log(torch.tensor([probs]))
+    top = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, top.indices, float("-inf"))
+    return L.TopK(top.indices, top.values, torch.logsumexp(rest, dim=-1))
+
+
+def test_sparse_kl_by_hand_is_a_divergence_below_the_exact_kl():
+    # p_t = [0.5, 0.3, 0.1, 0.1], p_s = [0.25, 0.25, 0.4, 0.1]; top-2 buckets {0}, {1}, tail {2, 3}:
+    # 0.5 ln(0.5/0.25) + 0.3 ln(0.3/0.25) + 0.2 ln(0.2/0.5) = 0.3465736 + 0.0546965 - 0.1832581 = 0.2180120
+    # exact: 0.3465736 + 0.0546965 + 0.1 ln(0.1/0.4) + 0.1 ln(1) = 0.2626407
+    student = torch.log(torch.tensor([[0.25, 0.25, 0.4, 0.1]]))
+    teacher = _topk_of([0.5, 0.3, 0.1, 0.1], k=2)
+    assert L.sparse_forward_kl(student, teacher).item() == pytest.approx(0.2180120, abs=1e-6)
+    exact = L.forward_kl(student, torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1]])))
+    assert exact.item() == pytest.approx(0.2626407, abs=1e-6)
+    # A student with the teacher's top-k and tail masses is at zero, however it spreads the tail.
+    matched = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert L.sparse_forward_kl(matched, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sparse_kl_with_the_whole_vocabulary_is_the_exact_kl_and_truncation_folds_into_the_tail():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    logp = torch.log_softmax(teacher, dim=-1)
+    top = logp.topk(11, dim=-1)
+    full = L.TopK(top.indices, top.values, torch.full((5,), float("-inf")))
+    for temperature in (1.0, 2.0):
+        exact = L.forward_kl(student, teacher, temperature)
+        assert torch.allclose(L.sparse_forward_kl(student, full, temperature), exact, atol=1e-5)
+    # top-11 cut to 4 = top-4 computed directly (the dropped tokens' mass joins the tail)
+    four = logp.topk(4, dim=-1)
+    direct = L.TopK(four.indices, four.values, torch.logsumexp(logp.scatter(-1, four.indices, float("-inf")), dim=-1))
+    cut = full.truncate(4)
+    assert torch.equal(cut.ids, direct.ids)
+    assert torch.allclose(cut.tail, direct.tail, atol=1e-6)
+    assert torch.allclose(L.sparse_forward_kl(student, cut), L.sparse_forward_kl(student, direct), atol=1e-6)
+    assert (L.sparse_forward_kl(student, cut) <= L.forward_kl(student, teacher) + 1e-6).all()
+
+
+def test_chunked_response_losses_read_cached_top_k_like_live_logits():
+    torch.manual_seed(1)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    head, t_head = torch.nn.Linear(8, 11, bias=False), torch.nn.Linear(8, 11, bias=False)
+    teacher_hidden, targets = torch.randn(7, 8), torch.randint(0, 11, (7,))
+    with torch.no_grad():
+        logp = torch.log_softmax(t_head(teacher_hidden), dim=-1)
+    top = logp.topk(11, dim=-1)
+    cached = L.TopK(top.indices, top.values, torch.full((7,), float("-inf")))
+    live = L.chunked_response_losses(hidden, head, targets, t_head, teacher_hidden, chunk_size=3)
+    read = L.chunked_response_losses(hidden, head, targets, chunk_size=3, teacher_topk=cached)
+    assert read.kl.item() == pytest.approx(live.kl.item(), rel=1e-5)
+    assert read.ce.item() == pytest.approx(live.ce.item(), rel=1e-6)
+
+
+def test_chunked_relation_equals_the_full_logit_relation_and_its_gradient():
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 13, bias=True)
+    teacher_visual = torch.randn(2, 5, 13)
+    full = L.relation_distillation(head(hidden), teacher_visual)
+    (grad_full,) = torch.autograd.grad(full, hidden)
+    t = teacher_visual
+    # chunk_size 1 -> blocks of one vocabulary column: thirteen blocks summed
+    chunked = L.relation_loss(L.chunked_relation(hidden, head, chunk_size=1), (t @ t.transpose(1, 2)).flatten(1))
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(grad_chunked, grad_full, atol=1e-6)
+
+
+def test_chunked_sequence_logprobs_equal_the_full_logit_sums_and_gradient():
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[-100, -100, 4, 5, -100, -100], [-100, 1, 2, 3, 4, -100], [-100] * 6])
+    full = L.sequence_logprobs(head(hidden), labels)
+    chunked = L.chunked_sequence_logprobs(hidden, head, labels, chunk_size=2)
+    assert torch.allclose(chunked, full, atol=1e-6) and chunked[2].item() == 0.0
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    (g_chunked,) = torch.autograd.grad(L.chunked_sequence_logprobs(hidden, head, labels, chunk_size=2).sum(), hidden)
+    assert torch.allclose(g_chunked, g_full, atol=1e-6)

@@ -172,3 +172,17 @@ def test_a_shared_expert_no_stage_trains_is_refused(tmp_path):
     with pytest.raises(ParamsError, match=r"upcycle.shared_expert: no stage after upcycling trains the shared expert"):
         load_params(write_params(tmp_path, {"upcycle": {"shared_expert": True}, "mimic_sparse": {"modules": modules}, "preference": {"modules": modules}}))
     load_params(write_params(tmp_path, {"upcycle": {"shared_expert": True}}))  # the recipe trains it
+
+
+def test_a_cached_teacher_where_no_cache_can_serve_is_refused(tmp_path):
+    overrides = {
+        "preference": {"teacher": {"mode": "cached"}},
+        "mimic_dense": {"teacher": {"mode": "cached", "top_k": 64}, "distill_all_tokens": True},
+        "teacher_cache": {"top_k": 32},
+    }
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, overrides))
+    text = str(info.value)
+    assert "preference.teacher.mode: preference scores its reference once per pair already" in text
+    assert "mimic_dense.teacher.mode: the cache holds response and image positions only" in text
+    assert "mimic_dense.teacher.top_k: must be <= teacher_cache.top_k (32)" in text
