@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test lock bench clean
+.PHONY: setup pipeline test test-fast lock bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml infra/bootstrap.sh
@@ -14,6 +14,9 @@ pipeline: setup
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q --durations=10
+
+test-fast: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m fast
 
 # Re-resolve requirements.lock after changing pyproject.toml (torchvision stays out: its wheel is CUDA-only).
 lock:

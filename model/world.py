@@ -237,7 +237,13 @@ def describe(obj: WorldObject) -> str:
 
 
 def caption(objects: tuple[WorldObject, ...] | list[WorldObject]) -> str:
-    """'A small red circle at the top left and a large blue square in the centre.'"""
+    """'A small red circle at the top left and a large blue square in the centre.'
+
+    Objects in reading order. The order is what the teacher binds attributes through: trained on
+    captions listing objects in a random order instead, it answered colour 0.49 (from 0.99),
+    shape 0.37 (from 1.00) and position 0.41 (from 0.72) on the same probes, every wrong answer
+    still another object's (fresh scenes, 2,000 steps each).
+    """
     parts = [describe(o) for o in _reading_order(objects)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."

@@ -19,6 +19,15 @@ from tasks.workspace import make_workspace, write_params  # noqa: F401 - tests i
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
+# The unit layer (`make test-fast`, `pytest -m fast`): no pipeline, no Prefect, no DeepSpeed job.
+FAST_MODULES = {"test_losses", "test_params", "test_world", "test_curate", "test_upcycle", "test_tokenizer", "test_metrics"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
 # Outside the repo there is no shipped teacher: tiny projects train their tokenizer (and teacher) on the world.
 TINY_WORLD = {
     "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10}}, "tokenizer": {"source": "world"}},
