@@ -2,13 +2,17 @@
 
 - storage: bytes per cached position at k = 16 / 32 / 64, for the embedded vocabulary and for
   Qwen2's 151,936 tokens, beside DistillKit's ~300 B/token (k=128, exact_k=16);
-- fidelity: on mimic_dense's own records, the aligned student against the pipeline's teacher,
-  the KL from a cache at each k against the exact full-vocabulary KL, and the cosine between
-  the two gradients with respect to the student's logits;
-- speed: mimic_dense's objective (student forward + backward) with the teacher live and read
-  from the cache, on the same batches, plus what building the cache costs per record;
-- loss memory at LLaVA-1.5's geometry (576 image tokens, 151,936-token vocabulary): kl_visual
-  and RDist with every logit materialised against the chunked terms (peak RSS above the start).
+- fidelity: the KL from a cache at each k against the exact full-vocabulary KL, per row (the
+  distribution of relative errors) and the cosine between the two gradients with respect to the
+  student's logits; on mimic_dense's own records (the aligned student against the pipeline's
+  teacher, 449 tokens), and at a 32,768-token vocabulary with LLM-shaped rows (Zipf-Mandelbrot
+  teacher logits, entropy about 2.5 nats; a student at a typical KL from it);
+- speed: mimic_dense's objective (student forward + backward) with the teacher live, read from
+  the cache, and with no teacher at all (ce only, the limit), on the same batches; plus what
+  building the cache costs per record;
+- loss memory at LLaVA-1.5's 576 image tokens and a 32,768-token vocabulary: kl_visual and RDist
+  with every logit materialised (before this cache) against the chunked terms (peak RSS above
+  the start).
 
 Needs the pipeline's models/teacher, models/student_align and data/curated (``dvc repro align``).
 
@@ -29,7 +33,7 @@ from distill_step import PeakMemory
 from model.builders import load_llava
 from model.data import Collator, ConversationDataset, stage_records
 from model.engine import LiveTeacher, Objective, Weights
-from model.losses import chunked_relation, chunked_response_losses, forward_kl, next_token_targets, relation_loss, sparse_forward_kl
+from model.losses import TopK, chunked_relation, chunked_response_losses, forward_kl, next_token_targets, relation_loss, sparse_forward_kl
 from model.teacher_cache import TeacherCache, bytes_per_token, write_cache
 from tasks.common import StagePaths
 from tasks.params import load_params
@@ -46,8 +50,52 @@ def storage(vocab: int) -> None:
         print(f"{k:>4} {bytes_per_token(k, vocab):>18} {bytes_per_token(k, 151_936):>16}")
 
 
+def report_fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows_at) -> None:
+    """Per-row relative error of the cached KL and the gradient cosine, for each k."""
+    exact = forward_kl(student_logits, teacher_logits)
+    leaf = student_logits.clone().requires_grad_()
+    exact_grad = torch.autograd.grad(forward_kl(leaf, teacher_logits).sum(), leaf)[0]
+    print(f"{'k':>4} {'mean KL cached / exact':>23} {'row rel. error p50 / p90 / p99':>31} {'grad cosine':>12} {'teacher mass in top-k':>22}")
+    for k in KS:
+        topk = rows_at(k)
+        leaf = student_logits.clone().requires_grad_()
+        sparse = sparse_forward_kl(leaf, topk)
+        grad = torch.autograd.grad(sparse.sum(), leaf)[0]
+        sparse = sparse.detach()
+        error = (exact - sparse).abs() / exact.clamp(min=1e-12)
+        p50, p90, p99 = (torch.quantile(error, q).item() for q in (0.5, 0.9, 0.99))
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), exact_grad.flatten(), dim=0).item()
+        mass = topk.logprobs.exp().sum(-1).mean().item()
+        ratio = f"{sparse.mean().item():.4f} / {exact.mean().item():.4f}"
+        print(f"{k:>4} {ratio:>23} {f'{p50:.2%} / {p90:.2%} / {p99:.2%}':>31} {cosine:>12.5f} {mass:>22.4f}")
+
+
+def synthetic_fidelity(vocab: int = 32_768, rows: int = 2048) -> None:
+    """LLM-shaped rows at a real vocabulary: Zipf-Mandelbrot logits, each row its own token order."""
+    g = torch.Generator().manual_seed(0)
+    rank = torch.arange(1, vocab + 1, dtype=torch.float32)
+    base = -torch.log(rank + 2.7)
+    order = torch.argsort(torch.rand(rows, vocab, generator=g), dim=-1)
+    # Each row its own sharpness: entropies from near 0 to ~3.5 nats, median ~1 (response tokens of a chat LLM)
+    sharpness = torch.exp(torch.empty(rows, 1).uniform_(0.5, 1.9, generator=g))
+    teacher = base[order] * sharpness + 0.3 * torch.randn(rows, vocab, generator=g)
+    student = teacher + 0.6 * torch.randn(rows, vocab, generator=g)
+    logp = torch.log_softmax(teacher, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    quartiles = " / ".join(f"{torch.quantile(entropy, q).item():.2f}" for q in (0.25, 0.5, 0.75))
+    print(f"\nfidelity at a {vocab:,}-token vocabulary, {rows} LLM-shaped rows (teacher entropy quartiles {quartiles} nats)")
+
+    def rows_at(k: int):
+        top = logp.topk(k, dim=-1)
+        rest = torch.logsumexp(logp.scatter(-1, top.indices, float("-inf")), dim=-1)
+        # As the cache stores them: float16 log-probs and tail
+        return TopK(top.indices, top.values.half().float(), rest.half().float())
+
+    report_fidelity(student, teacher, rows_at)
+
+
 def fidelity(student, teacher, batches: list[dict], cache: TeacherCache, rows: list) -> None:
-    print("\nfidelity on the same batches: KL(teacher || student), response positions")
+    print("\nfidelity on mimic_dense's records: KL(teacher || student) at response positions, the aligned student")
     logits_all, teacher_all = [], []
     with torch.no_grad():
         for batch in batches:
@@ -56,46 +104,40 @@ def fidelity(student, teacher, batches: list[dict], cache: TeacherCache, rows: l
             t = teacher(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits[response]
             logits_all.append(s)
             teacher_all.append(t)
-    s, t = torch.cat(logits_all), torch.cat(teacher_all)
-    exact = forward_kl(s, t)
-    leaf = s.clone().requires_grad_()
-    exact_grad = torch.autograd.grad(forward_kl(leaf, t).sum(), leaf)[0]
-    print(f"{'k':>4} {'cached KL':>10} {'exact KL':>9} {'ratio':>7} {'grad cosine':>12} {'teacher mass in top-k':>22}")
-    for k in KS:
-        cached_rows = cache.response_rows(torch.cat(rows).numpy(), k)
-        sparse = sparse_forward_kl(s, cached_rows)
-        leaf = s.detach().requires_grad_()
-        grad = torch.autograd.grad(sparse_forward_kl(leaf, cached_rows).sum(), leaf)[0]
-        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), exact_grad.flatten(), dim=0).item()
-        mass = cached_rows.logprobs.exp().sum(-1).mean().item()
-        print(f"{k:>4} {sparse.mean().item():>10.4f} {exact.mean().item():>9.4f} {sparse.mean().item() / exact.mean().item():>7.3f} {cosine:>12.4f} {mass:>22.4f}")
+    report_fidelity(torch.cat(logits_all), torch.cat(teacher_all), lambda k: cache.response_rows(torch.cat(rows).numpy(), k))
 
 
 def speed(student, teacher, batches: list[dict], cached_batches: list[dict], steps: int, build_seconds: float, records: int) -> None:
     weights = Weights(ce=1.0, kl_response=1.0)
     live = Objective(student, LiveTeacher(teacher), weights, 1.0, None, chunk_size=1024)
     read = Objective(student, None, weights, 1.0, None, chunk_size=1024)
+    alone = Objective(student, None, Weights(ce=1.0), 1.0, None, chunk_size=1024)
     times = {}
-    for name, objective, data in (("live", live, batches), ("cached", read, cached_batches), ("live again", live, batches)):
+    runs = (("live", live, batches), ("cached", read, cached_batches), ("no teacher", alone, batches), ("live again", live, batches), ("cached again", read, cached_batches))
+    for name, objective, data in runs:
         started = time.perf_counter()
         for i in range(steps):
             objective(data[i % len(data)])["loss"].backward()
         times[name] = (time.perf_counter() - started) / steps
     student.zero_grad(set_to_none=True)
     live_step = (times["live"] + times["live again"]) / 2
+    cached_step = (times["cached"] + times["cached again"]) / 2
     per_record = build_seconds / records
-    print(f"\nspeed, mimic_dense's objective (ce + kl_response), batch {batches[0]['input_ids'].shape[0]}, forward + backward")
-    print(f"  live teacher   {live_step * 1000:8.1f} ms/step  (runs {times['live'] * 1000:.1f} / {times['live again'] * 1000:.1f})")
-    print(f"  cached teacher {times['cached'] * 1000:8.1f} ms/step  -> {live_step / times['cached']:.2f}x faster per step")
+    samples = batches[0]["input_ids"].shape[0]
+    ratio = sum(p.numel() for p in teacher.model.language_model.parameters()) / sum(p.numel() for p in student.model.language_model.parameters())
+    print(f"\nspeed, mimic_dense's objective (ce + kl_response), batch {samples}, forward + backward; teacher:student LLM parameters {ratio:.1f}:1")
+    print(f"  live teacher   {samples / live_step:7.1f} samples/s  (runs {times['live'] * 1000:.0f} / {times['live again'] * 1000:.0f} ms)")
+    print(f"  cached teacher {samples / cached_step:7.1f} samples/s  (runs {times['cached'] * 1000:.0f} / {times['cached again'] * 1000:.0f} ms): {live_step / cached_step:.2f}x the live one")
+    print(f"  no teacher     {samples / times['no teacher']:7.1f} samples/s  (ce only, the limit): cached is {times['no teacher'] / cached_step:.2f}x of it")
     print(f"  building the cache: {per_record * 1000:.1f} ms/record (teacher forward, top-k, writes)")
     print("  embedded mimic_dense (500 steps x 32 over 2,000 records) + mimic_sparse (250 x 32, same records):")
     live_total = 750 * live_step
-    cached_total = 750 * times["cached"] + 2000 * per_record
+    cached_total = 750 * cached_step + 2000 * per_record
     print(f"    live {live_total:.0f} s, cached {cached_total:.0f} s including the cache ({live_total / cached_total:.2f}x)")
 
 
-def loss_memory(batch: int = 2, tokens: int = 576, vocab: int = 151_936, hidden: int = 64, chunk: int = 1024) -> None:
-    print(f"\nloss memory at LLaVA-1.5 geometry: {batch} x {tokens} image tokens, vocabulary {vocab:,}, peak RSS above start")
+def loss_memory(batch: int = 8, tokens: int = 576, vocab: int = 32_768, hidden: int = 64, chunk: int = 1024) -> None:
+    print(f"\nloss memory, kl_visual + RDist with backward: {batch} x {tokens} image tokens, vocabulary {vocab:,}, chunk {chunk}, peak RSS above start")
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False)
     teacher_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
@@ -145,6 +187,7 @@ def main() -> None:
     collate = Collator(tokenizer.pad_token_id)
     vocab = teacher.config.text_config.vocab_size
     storage(vocab)
+    synthetic_fidelity()
     with tempfile.TemporaryDirectory() as tmp:
         [dataset[i] for i in range(len(dataset))]  # images decoded once, outside every timing
         started = time.perf_counter()

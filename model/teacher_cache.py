@@ -166,19 +166,33 @@ class TeacherCache:
         header = self.path / HEADER
         if not header.exists():
             raise ValueError(f"{self.path}: no teacher cache here ({HEADER} missing); run `dvc repro teacher_cache`")
-        self.header = json.loads(header.read_text())
+        try:
+            self.header = json.loads(header.read_text())
+        except ValueError as error:
+            raise ValueError(f"{header}: unreadable teacher cache header ({error}); run `dvc repro teacher_cache`") from None
         if self.header.get("format") != FORMAT:
             raise ValueError(f"{self.path}: cache format {self.header.get('format')}, this tinymod reads {FORMAT}; run `dvc repro teacher_cache`")
-        self.index = {rid: i for i, rid in enumerate(json.loads((self.path / "records.json").read_text()))}
-        self.offsets = np.load(self.path / "offsets.npy")
-        self.image_tokens = int(self.header["image_tokens"])
-
         def load(name: str) -> np.ndarray:
-            return np.load(self.path / f"{name}.npy", mmap_mode="r")
+            file = self.path / f"{name}.npy"
+            try:
+                return np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as error:  # missing, truncated or not an array: never a partial read
+                raise ValueError(f"{file}: unreadable teacher cache file ({error}); run `dvc repro teacher_cache`") from None
+
+        try:
+            self.index = {rid: i for i, rid in enumerate(json.loads((self.path / "records.json").read_text()))}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{self.path}/records.json: unreadable teacher cache file ({error}); run `dvc repro teacher_cache`") from None
+        self.offsets = np.asarray(load("offsets"))
+        self.image_tokens = int(self.header["image_tokens"])
 
         self.response = tuple(load(f"response_{part}") for part in ("ids", "logprobs", "tail"))
         self.visual = tuple(load(f"visual_{part}") for part in ("ids", "logprobs", "tail")) if self.header["visual"] else None
         self.relation_matrices = load("relation") if self.header["relation"] else None
+        expected = {"response_ids": (self.header["response_rows"], self.header["top_k"]), "offsets": (self.header["records"], 2)}
+        for name, array in (("response_ids", self.response[0]), ("offsets", self.offsets)):
+            if array.shape != expected[name]:
+                raise ValueError(f"{self.path}/{name}.npy holds {array.shape}, the header says {expected[name]}; run `dvc repro teacher_cache`")
 
     def check(self, expected: dict) -> None:
         """Refuse a cache that another teacher, tokenizer or data made; names the field and what to run.

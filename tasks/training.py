@@ -179,9 +179,12 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
         from model.teacher_cache import TeacherCache
 
         try:
-            TeacherCache(paths.teacher_cache).check(spec["teacher_cache"]["expect"])
+            cache = TeacherCache(paths.teacher_cache)
+            cache.check(spec["teacher_cache"]["expect"])
         except ValueError as error:
             raise StageError(f"{job.stage}: {error}") from None
+        if section.teacher.top_k > cache.header["top_k"]:
+            raise StageError(f"{job.stage}.teacher.top_k is {section.teacher.top_k}, {paths.teacher_cache} holds top-{cache.header['top_k']}; run `dvc repro teacher_cache`")
     spec_path = run_dir / "job.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     # The job boots (imports, process group) while this process opens the MLflow run.

@@ -47,7 +47,10 @@ def test_claim_verdicts():
             "object recall": cell(0.70, 0.71, 0.69),  # lower beyond the spread: a loss
         },
     }
+    rows["(3') MoE KD, live teacher"] = {**columns, "VQA acc": cell(0.51, 0.50, 0.50), "object recall": cell(0.80, 0.81, 0.79)}
     lines = "\n".join(ablation.claims(rows))
+    assert "VQA acc 0.500 vs 0.503: the same within the seeds' spread" in lines
+    assert "object recall 0.900 vs 0.800: better beyond the seeds' spread" in lines
     assert "VQA acc 0.500 vs 0.300: holds" in lines
     assert "CHAIR-i 0.200 vs 0.050: does not hold" in lines
     assert "partner halluc. 0.110 vs 0.600: holds" in lines

@@ -120,3 +120,16 @@ def test_a_stale_cache_fails_the_stage_before_its_job_naming_what_differs(projec
     err = capsys.readouterr().err
     assert "teacher_sha256 is 0000000000000000..." in err and "dvc repro teacher_cache" in err
     assert not (root / ".cache/runs/mimic_dense/job.json").exists(), "the job never started"
+
+
+def test_a_truncated_cache_file_fails_clearly_never_a_partial_read(cached):
+    _, _, _, write = cached
+    cache, _ = write(top_k=16)
+    path = cache.path / "response_logprobs.npy"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=r"response_logprobs.npy: unreadable teacher cache file"):
+        TeacherCache(cache.path)
+    cache, _ = write(top_k=16, name="again")
+    (cache.path / "offsets.npy").unlink()
+    with pytest.raises(ValueError, match="offsets.npy"):
+        TeacherCache(cache.path)
