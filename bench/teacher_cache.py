@@ -27,13 +27,21 @@ import time
 from pathlib import Path
 
 import torch
+from distill_step import PeakMemory
 from transformers import AutoProcessor, AutoTokenizer
 
-from distill_step import PeakMemory
 from model.builders import load_llava
 from model.data import Collator, ConversationDataset, stage_records
 from model.engine import LiveTeacher, Objective, Weights
-from model.losses import TopK, chunked_relation, chunked_response_losses, forward_kl, next_token_targets, relation_loss, sparse_forward_kl
+from model.losses import (
+    TopK,
+    chunked_relation,
+    chunked_response_losses,
+    forward_kl,
+    next_token_targets,
+    relation_loss,
+    sparse_forward_kl,
+)
 from model.teacher_cache import TeacherCache, bytes_per_token, write_cache
 from tasks.common import StagePaths
 from tasks.params import load_params

@@ -56,7 +56,7 @@ from transformers import (  # noqa: E402
 )
 
 from model.tokenizer import IMAGE_TOKEN
-from tasks.params import TextParams, VisionParams
+from model.config import TextParams, VisionParams
 
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
@@ -255,7 +255,3 @@ def check_vocab(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase
 def load_llava(path: Path, dtype: torch.dtype = torch.float32):
     """Load a checkpoint the way a user would: plain transformers, safetensors only, no remote code."""
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

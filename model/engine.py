@@ -14,6 +14,8 @@ holds preference pairs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -401,8 +403,13 @@ class TrainingRecipe:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # The process group first: every later step may talk to the other ranks.
-        deepspeed.init_distributed(dist_backend=None)
+        # The process group first: every later step may talk to the other ranks. DeepSpeed prints
+        # "... shm_comm_op built successfully" at every CPU start: not news, so that line is dropped.
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            deepspeed.init_distributed(dist_backend=None)
+        for line in said.getvalue().splitlines():
+            if not line.endswith("built successfully"):
+                print(line, flush=True)
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -19,7 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2MoeCon
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-from tasks.params import UpcycleParams
+from model.config import UpcycleParams
 
 MOE_OF = {"qwen2": ("qwen2_moe", Qwen2MoeConfig), "qwen3": ("qwen3_moe", Qwen3MoeConfig)}
 ROUTER_TYPES = (Qwen2MoeTopKRouter, Qwen3MoeTopKRouter)

@@ -56,8 +56,15 @@ class EvaluationError(StageFailure):
 
 
 def evaluate(params: Params, paths: StagePaths) -> dict:
+    import datasets
     from lmms_eval.tasks import TaskManager
+    from loguru import logger
 
+    # lmms-eval logs through loguru from DEBUG up (every yaml it skips) and datasets draws a bar per
+    # split it loads: a stage shows warnings and its own lines.
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    datasets.disable_progress_bars()
     e = params.evaluate
     _check_inputs(params, paths)
     tracking.client(params)  # a dead tracking server fails now, not after the evaluation

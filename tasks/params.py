@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from model.config import Section, TextParams, UpcycleParams, VisionParams  # re-exported: the sections model/ reads
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
@@ -42,12 +44,6 @@ Split = Literal["general", "multitask", "preference"]
 Module = Literal[
     "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
 ]
-
-
-class Section(BaseModel):
-    """A params section: unknown keys are errors and every field carries its docstring."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, frozen=True)
 
 
 # ---------------------------------------------------------------- shared
@@ -232,40 +228,6 @@ class CurateParams(Section):
 # ---------------------------------------------------------------- models
 
 
-class VisionParams(Section):
-    image_size: int = Field(48, ge=12)
-    """Input resolution of the vision tower (CLIP ViT)."""
-    patch_size: int = Field(16, ge=1)
-    """ViT patch side; the LLM sees (image_size / patch_size)^2 image tokens."""
-    hidden_size: int = Field(128, ge=8)
-    """Width of the vision tower."""
-    intermediate_size: int = Field(256, ge=8)
-    """FFN width of the vision tower."""
-    layers: int = Field(3, ge=1)
-    """Transformer layers in the vision tower."""
-    heads: int = Field(4, ge=1)
-    """Attention heads in the vision tower."""
-
-
-class TextParams(Section):
-    family: Literal["qwen2", "qwen3"] = "qwen2"
-    """Stock transformers architecture of the LLM; upcycling maps qwen2 -> qwen2_moe, qwen3 -> qwen3_moe."""
-    hidden_size: int = Field(256, ge=8)
-    """Width of the LLM."""
-    intermediate_size: int = Field(512, ge=8)
-    """FFN width of the LLM (each expert's width after upcycling)."""
-    layers: int = Field(4, ge=1)
-    """Decoder layers."""
-    heads: int = Field(4, ge=1)
-    """Attention heads."""
-    kv_heads: int = Field(2, ge=1)
-    """Key/value heads (grouped-query attention); must divide `heads`."""
-    max_position_embeddings: int = Field(1024, ge=16)
-    """Longest sequence the rotary embedding is set up for."""
-    tie_embeddings: bool = True
-    """Share the input embedding and the LM head."""
-
-
 class LossWeights(Section):
     ce: float = Field(1.0, ge=0)
     """Cross-entropy on response tokens."""
@@ -390,21 +352,6 @@ class AlignParams(TrainingParams):
     """The student this stage builds: the teacher's frozen vision tower, a new projector and this LLM."""
     word_align: WordAlignParams = WordAlignParams()
     """Put a fresh student's image tokens where its words are, as the teacher's vision pretraining did for the teacher."""
-
-
-class UpcycleParams(Section):
-    num_experts: int = Field(4, ge=1, le=256)
-    """Experts per MoE layer, each a copy of the dense FFN (1 with top_k 1: a dense FFN in MoE form, for dense baselines)."""
-    top_k: int = Field(2, ge=1)
-    """Experts each token is routed to (weights renormalised over the top k)."""
-    layers: Literal["every_other", "every_other_from_1", "first_half", "second_half", "all"] | list[Annotated[int, Field(ge=0)]] = "every_other"
-    """Which decoder layers become MoE: every_other (0, 2, 4, ...: LLaVA-MoD's range(L)[::2]), every_other_from_1 (1, 3, ...), first_half, second_half, all, or a list of indices."""
-    router_init: Literal["zeros", "normal"] = "normal"
-    """Router weights at upcycling: zeros (uniform routing) or normal with `router_std`. Either keeps the output exact."""
-    router_std: float = Field(0.02, ge=0.0)
-    """Standard deviation of a normal router init."""
-    shared_expert: bool = False
-    """Add a shared expert (qwen2 family only): a copy of the dense FFN whose output projection starts at zero."""
 
 
 class DPOParams(Section):
@@ -960,11 +907,6 @@ def validate_file(path: Path) -> list[Problem]:
     except ParamsError as error:
         return error.problems
     return []
-
-
-def stage_dict(params: Params, stage: str) -> dict:
-    """A stage's resolved section as plain data (for logging and fingerprints)."""
-    return getattr(params, stage).model_dump(mode="json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,15 @@ def test_the_flow_logs_each_stages_own_summary_lines_not_its_progress_bars():
         "align: not this stage\nUpdating lock file 'dvc.lock'\n"
     )
     assert stage_summary(output, "mimic_dense") == ["mimic_dense: 500 steps in 100 s (160 samples/s); loss 1.23"]
+
+
+def test_model_code_never_imports_tasks():
+    """Imports run one way: tasks/ builds on model/, model/ knows nothing of the stages."""
+    import ast
+
+    upward = []
+    for path in sorted((REPO / "model").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            upward += [f"{path.relative_to(REPO)}: {name}" for name in names if name == "tasks" or name.startswith("tasks.")]
+    assert not upward, upward

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from model.builders import build_llava
 from model.data import Collator
