@@ -70,7 +70,7 @@ def score(model, processor, probes: dict, images: dict, shapes: tuple[str, ...])
         out[f"pope_{split}_yes_ratio"] = sum(yes) / len(records)
         out[f"pope_{split}_n"] = len(records)
     vqa = probes["vqa"]
-    said = ask(model, processor, [images[r["image"]] for r in vqa], [r["conversations"][0]["value"].split("\n", 1)[1] for r in vqa], 16)
+    said = ask(model, processor, [images[r["image"]] for r in vqa], [r["conversations"][0]["value"].split("\n", 1)[1] for r in vqa], 12)
     hits = [words(a) == words(r["answer"]) for a, r in zip(said, vqa, strict=True)]
     out["vqa_accuracy"], out["vqa_n"] = sum(hits) / len(hits), len(hits)
     for qtype in W.VQA_TYPES:

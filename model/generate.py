@@ -101,7 +101,7 @@ def score_probes(
 
     answerer = Answerer(checkpoint)
     vqa = load("vqa")
-    predictions = answer_records(answerer, vqa, image_root, max_new_tokens=16, batch_size=batch_size)
+    predictions = answer_records(answerer, vqa, image_root, max_new_tokens=12, batch_size=batch_size)
     scores: dict = {"vqa": vqa_scores(predictions, [r["answer"] for r in vqa], [r["question_type"] for r in vqa])}
     for split in pope_splits:
         records = load(f"pope_{split}")

@@ -269,12 +269,6 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
     next) and not those its one-word answers asked for. Captions that named the shape first
     ("a small star in red") moved colour to 0.71 and shape down to 0.36: the captions' order, not
     the VQA data, decided which lookup formed (measured on fresh scenes).
-
-    A position answer goes on in the captions' own words, "The star is a small red star at the
-    top left.": answered "The star is at the top left.", the teacher placed the star right 0.64
-    of the time (0.72 with two objects, 0.61 with three), every wrong place another object's,
-    while its captions placed 0.98 / 0.92 of the objects right. A caption reaches the place
-    through "small red star at the", the size, colour and shape of one object together.
     """
     by_shape: dict[str, list[WorldObject]] = {}
     by_colour: dict[str, list[WorldObject]] = {}
@@ -289,9 +283,9 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
         if len(objs) == 1:
             # Answers that name their subject ("The star is red."): the colour or place is then read
             # off the object the answer's own words point at, as a caption reads each shape off
-            # the colour just written; the place after the caption's own phrase (see the docstring).
+            # the colour just written (see the docstring).
             candidates["colour"].append((f"What colour is the {shape}?", f"The {shape} is {objs[0].colour}.", shape))
-            candidates["position"].append((f"Where is the {shape}?", f"The {shape} is {describe(objs[0])}.", shape))
+            candidates["position"].append((f"Where is the {shape}?", f"The {shape} is {where(objs[0])}.", shape))
     for colour, objs in by_colour.items():
         if len(objs) == 1:
             candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape, objs[0].shape))
