@@ -14,7 +14,7 @@
   with every logit materialised (before this cache) against the chunked terms (peak RSS above
   the start).
 
-Needs the pipeline's models/teacher, models/student_align and data/curated (``dvc repro align``).
+Needs the pipeline's models/teacher, models/student_dense and data/curated (``dvc repro mimic_dense``).
 
     python bench/teacher_cache.py [--records 256] [--batch 32] [--steps 6]
 """
@@ -72,7 +72,7 @@ def report_fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         sparse = sparse.detach()
         error = (exact - sparse).abs() / exact.clamp(min=1e-12)
         p50, p90, p99 = (torch.quantile(error, q).item() for q in (0.5, 0.9, 0.99))
-        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), exact_grad.flatten(), dim=0).item()
+        cosine = torch.nn.functional.cosine_similarity(grad.double().flatten(), exact_grad.double().flatten(), dim=0).item()
         mass = topk.logprobs.exp().sum(-1).mean().item()
         ratio = f"{sparse.mean().item():.4f} / {exact.mean().item():.4f}"
         print(f"{k:>4} {ratio:>23} {f'{p50:.2%} / {p90:.2%} / {p99:.2%}':>31} {cosine:>12.5f} {mass:>22.4f}")
@@ -103,7 +103,7 @@ def synthetic_fidelity(vocab: int = 32_768, rows: int = 2048) -> None:
 
 
 def fidelity(student, teacher, batches: list[dict], cache: TeacherCache, rows: list) -> None:
-    print("\nfidelity on mimic_dense's records: KL(teacher || student) at response positions, the aligned student")
+    print("\nfidelity on mimic_dense's records: KL(teacher || student) at response positions, the mimic_dense student")
     logits_all, teacher_all = [], []
     with torch.no_grad():
         for batch in batches:
@@ -189,7 +189,7 @@ def main() -> None:
     section = params.mimic_dense
     records = stage_records([str(f) for f in stage_files(paths, section.splits)], section.fraction, params.seed)[: args.records]
     teacher = load_llava(paths.teacher).eval().requires_grad_(False)
-    student = load_llava(paths.student("align"))
+    student = load_llava(paths.student("dense"))
     tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
     dataset = ConversationDataset(records, paths.curated, tokenizer, AutoProcessor.from_pretrained(paths.teacher).image_processor, teacher.config.image_seq_length)
     collate = Collator(tokenizer.pad_token_id)
@@ -209,7 +209,8 @@ def main() -> None:
         cached = [{**b, "teacher_response": cache.response_rows(r.numpy(), section.teacher.top_k)} for b, r in zip(batches, rows, strict=True)]
         fidelity(student, teacher, batches, cache, rows)
         speed(student, teacher, batches, cached, args.steps, build, len(dataset))
-    loss_memory()
+    for chunk in (1024, 256):
+        loss_memory(chunk=chunk)
 
 
 if __name__ == "__main__":
