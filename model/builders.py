@@ -55,6 +55,7 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
+from model.errors import TinymodError
 from model.tokenizer import IMAGE_TOKEN
 from model.config import TextParams, VisionParams
 
@@ -66,7 +67,7 @@ transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: the
 warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op", category=UserWarning)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TinymodError, ValueError):
     """A checkpoint that tinymod refuses to load, with what is wrong and what to do."""
 
 

@@ -42,7 +42,7 @@ from model.losses import (
     preference_loss,
     relation_loss,
 )
-from model.teacher_cache import TeacherCache
+from model.teacher_cache import TeacherCache, tokenizer_digest
 from model.upcycle import RouterLogits, parameter_counts, routers
 
 TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
@@ -470,7 +470,7 @@ class TrainingRecipe:
     def _open_cache(self, cache: dict, student) -> TeacherCache:
         """The teacher cache, checked against this stage's teacher, tokenizer and data before any step."""
         opened = TeacherCache(Path(cache["path"]))
-        opened.check(cache["expect"])
+        opened.check({**cache["expect"], "tokenizer": tokenizer_digest(Path(self.spec["init"]))})
         vocab = student.config.text_config.vocab_size
         if opened.header["vocab_size"] != vocab:
             raise ValueError(f"{cache['path']}: cached over {opened.header['vocab_size']} tokens, the student has {vocab}; KL needs one vocabulary")

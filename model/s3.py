@@ -12,11 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from model.errors import TinymodError
+
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MANIFEST = ".tinymod-etags.json"  # beside a cached prefix: file -> ETag it was downloaded with
 
 
-class S3Error(RuntimeError):
+class S3Error(TinymodError, RuntimeError):
     """An S3 location tinymod cannot read, with what to check."""
 
 

@@ -27,11 +27,14 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from model.losses import TopK, chunked_relation, next_token_targets
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a stage reads a header without it
+    import torch
+
+    from model.losses import TopK
 
 FORMAT = 1
 HEADER = "header.json"
@@ -60,13 +63,14 @@ def bytes_per_token(top_k: int, vocab_size: int) -> int:
 
 
 def _top_k(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = logprobs.topk(k, dim=-1)
     tail = torch.logsumexp(logprobs.scatter(-1, top.indices, float("-inf")), dim=-1)
     return top.indices.cpu().numpy(), top.values.cpu().numpy(), tail.cpu().numpy()
 
 
-@torch.no_grad()
 def write_cache(
     teacher: torch.nn.Module,
     dataset,
@@ -84,78 +88,84 @@ def write_cache(
     ``header`` (the hashes that identify teacher, tokenizer and data) is stored as given, with
     the format's own fields added. Returns the full header.
     """
-    teacher.eval()
-    config = teacher.config
-    vocab = config.text_config.vocab_size
-    if not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k {top_k} must be between 1 and the teacher's vocabulary ({vocab})")
-    image_token = config.image_token_index
-    image_tokens = int(config.image_seq_length)
-    counts = np.array([response_rows(labels) for _, labels in dataset.encoded], dtype=np.int64)
-    offsets = np.stack([np.cumsum(counts) - counts, counts], axis=1)
-    rows, records = int(counts.sum()), len(dataset)
-    ids = id_dtype(vocab)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    import torch
+    from tqdm import tqdm
 
-    def array(name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if 0 in shape:  # a zero-length file cannot be memory-mapped
-            np.save(out / f"{name}.npy", np.zeros(shape, dtype))
-            return np.zeros(shape, dtype)
-        return np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+    from model.losses import chunked_relation, next_token_targets
 
-    def arrays(prefix: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return array(f"{prefix}_ids", ids, (n, top_k)), array(f"{prefix}_logprobs", np.float16, (n, top_k)), array(f"{prefix}_tail", np.float16, (n,))
+    with torch.no_grad():
+        teacher.eval()
+        config = teacher.config
+        vocab = config.text_config.vocab_size
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k {top_k} must be between 1 and the teacher's vocabulary ({vocab})")
+        image_token = config.image_token_index
+        image_tokens = int(config.image_seq_length)
+        counts = np.array([response_rows(labels) for _, labels in dataset.encoded], dtype=np.int64)
+        offsets = np.stack([np.cumsum(counts) - counts, counts], axis=1)
+        rows, records = int(counts.sum()), len(dataset)
+        ids = id_dtype(vocab)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
 
-    response = arrays("response", rows)
-    seen = arrays("visual", records * image_tokens) if visual else None
-    gram = array("relation", np.float16, (records, image_tokens, image_tokens)) if relation else None
-    dtype = next(teacher.parameters()).dtype
-    device = next(teacher.parameters()).device
-    row = 0
-    for start in tqdm(range(0, records, batch_size), desc="teacher_cache", unit="batch", mininterval=2):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, records))])
-        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        hidden = teacher.model(input_ids=input_ids, pixel_values=batch["pixel_values"].to(device, dtype), attention_mask=mask).last_hidden_state
-        is_response, _ = next_token_targets(batch["labels"].to(device))
-        picked = hidden[is_response]
-        for first in range(0, picked.shape[0], chunk_size):
-            block = _top_k(teacher.lm_head(picked[first : first + chunk_size]), top_k)
-            for array, values in zip(response, block, strict=True):
-                array[row + first : row + first + values.shape[0]] = values
-        row += picked.shape[0]
-        image = hidden[input_ids == image_token]
-        if seen is not None:
-            first_row = start * image_tokens
-            for array, values in zip(seen, _top_k(teacher.lm_head(image), top_k), strict=True):
-                array[first_row : first_row + values.shape[0]] = values
-        if gram is not None:
-            r = chunked_relation(image.view(input_ids.shape[0], image_tokens, -1), teacher.lm_head, chunk_size)
-            r = r / r.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # the cosine ignores scale; fp16 cannot hold it
-            gram[start : start + r.shape[0]] = r.view(-1, image_tokens, image_tokens).cpu().numpy()
-    if row != rows:
-        raise RuntimeError(f"teacher_cache: {row} response rows written, {rows} expected from the encoded records")
-    for written in (*response, *(seen or ()), *((gram,) if gram is not None else ())):
-        if isinstance(written, np.memmap):
-            written.flush()
-    np.save(out / "offsets.npy", offsets)
-    (out / "records.json").write_text(json.dumps([r["id"] for r in dataset.records]))
-    full = {
-        "format": FORMAT,
-        **header,
-        "top_k": top_k,
-        "vocab_size": vocab,
-        "image_tokens": image_tokens,
-        "records": records,
-        "response_rows": rows,
-        "visual": visual,
-        "relation": relation,
-        "bytes_per_token": bytes_per_token(top_k, vocab),
-        "bytes": sum(f.stat().st_size for f in out.iterdir()),
-    }
-    (out / HEADER).write_text(json.dumps(full, indent=2) + "\n")
-    return full
+        def array(name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+            if 0 in shape:  # a zero-length file cannot be memory-mapped
+                np.save(out / f"{name}.npy", np.zeros(shape, dtype))
+                return np.zeros(shape, dtype)
+            return np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+
+        def arrays(prefix: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return array(f"{prefix}_ids", ids, (n, top_k)), array(f"{prefix}_logprobs", np.float16, (n, top_k)), array(f"{prefix}_tail", np.float16, (n,))
+
+        response = arrays("response", rows)
+        seen = arrays("visual", records * image_tokens) if visual else None
+        gram = array("relation", np.float16, (records, image_tokens, image_tokens)) if relation else None
+        dtype = next(teacher.parameters()).dtype
+        device = next(teacher.parameters()).device
+        row = 0
+        for start in tqdm(range(0, records, batch_size), desc="teacher_cache", unit="batch", mininterval=2):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, records))])
+            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            hidden = teacher.model(input_ids=input_ids, pixel_values=batch["pixel_values"].to(device, dtype), attention_mask=mask).last_hidden_state
+            is_response, _ = next_token_targets(batch["labels"].to(device))
+            picked = hidden[is_response]
+            for first in range(0, picked.shape[0], chunk_size):
+                block = _top_k(teacher.lm_head(picked[first : first + chunk_size]), top_k)
+                for target, values in zip(response, block, strict=True):
+                    target[row + first : row + first + values.shape[0]] = values
+            row += picked.shape[0]
+            image = hidden[input_ids == image_token]
+            if seen is not None:
+                first_row = start * image_tokens
+                for target, values in zip(seen, _top_k(teacher.lm_head(image), top_k), strict=True):
+                    target[first_row : first_row + values.shape[0]] = values
+            if gram is not None:
+                r = chunked_relation(image.view(input_ids.shape[0], image_tokens, -1), teacher.lm_head, chunk_size)
+                r = r / r.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # the cosine ignores scale; fp16 cannot hold it
+                gram[start : start + r.shape[0]] = r.view(-1, image_tokens, image_tokens).cpu().numpy()
+        if row != rows:
+            raise RuntimeError(f"teacher_cache: {row} response rows written, {rows} expected from the encoded records")
+        for written in (*response, *(seen or ()), *((gram,) if gram is not None else ())):
+            if isinstance(written, np.memmap):
+                written.flush()
+        np.save(out / "offsets.npy", offsets)
+        (out / "records.json").write_text(json.dumps([r["id"] for r in dataset.records]))
+        full = {
+            "format": FORMAT,
+            **header,
+            "top_k": top_k,
+            "vocab_size": vocab,
+            "image_tokens": image_tokens,
+            "records": records,
+            "response_rows": rows,
+            "visual": visual,
+            "relation": relation,
+            "bytes_per_token": bytes_per_token(top_k, vocab),
+            "bytes": sum(f.stat().st_size for f in out.iterdir()),
+        }
+        (out / HEADER).write_text(json.dumps(full, indent=2) + "\n")
+        return full
 
 
 class TeacherCache:
@@ -235,12 +245,18 @@ class TeacherCache:
         return _rows(self.visual, rows).truncate(top_k)
 
     def relation(self, cached: np.ndarray) -> torch.Tensor:
+        import torch
+
         if self.relation_matrices is None:
             raise ValueError(f"{self.path}: made without RDist matrices (no cached stage read relation then); run `dvc repro teacher_cache`")
         return torch.from_numpy(np.asarray(self.relation_matrices[cached], dtype=np.float32)).flatten(1)
 
 
 def _rows(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], rows: np.ndarray) -> TopK:
+    import torch
+
+    from model.losses import TopK
+
     ids, logprobs, tail = (np.asarray(a[rows]) for a in arrays)
     return TopK(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logprobs.astype(np.float32)), torch.from_numpy(tail.astype(np.float32)))
 

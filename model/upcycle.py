@@ -20,6 +20,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from model.config import UpcycleParams
+from model.errors import TinymodError
 
 MOE_OF = {"qwen2": ("qwen2_moe", Qwen2MoeConfig), "qwen3": ("qwen3_moe", Qwen3MoeConfig)}
 ROUTER_TYPES = (Qwen2MoeTopKRouter, Qwen3MoeTopKRouter)
@@ -33,7 +34,7 @@ SHARED_FIELDS = (
 )  # fmt: skip
 
 
-class UpcycleError(ValueError):
+class UpcycleError(TinymodError, ValueError):
     """The dense model cannot be upcycled as asked; the message says why."""
 
 

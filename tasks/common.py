@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from model.errors import TinymodError
 from tasks.params import Params
 
 
@@ -111,10 +112,7 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
     import argparse
     import sys
 
-    from model.builders import CheckpointError
-    from model.s3 import S3Error
-    from model.upcycle import UpcycleError
-    from tasks.params import ParamsError, load_params
+    from tasks.params import load_params
 
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -125,7 +123,7 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
         metrics = work(params, paths)
         if headline_out and name in HEADLINES:
             write_json(paths.metrics / "headline" / f"{name}.json", headline(name, metrics, params))
-    except (ParamsError, StageFailure, CheckpointError, UpcycleError, S3Error) as error:
+    except TinymodError as error:
         print(f"{name} failed: {error}", file=sys.stderr)
         return 1
     except Exception as error:
@@ -140,7 +138,7 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
     return 0
 
 
-class StageFailure(RuntimeError):
+class StageFailure(TinymodError, RuntimeError):
     """Base of every error a stage reports as a clean failure (message, exit 1), not a traceback."""
 
 

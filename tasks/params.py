@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from model.errors import TinymodError
 from model.config import Section, TextParams, UpcycleParams, VisionParams  # re-exported: the sections model/ reads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -489,7 +490,7 @@ class Problem:
         return f"{where}{self.key}: {self.message}"
 
 
-class ParamsError(ValueError):
+class ParamsError(TinymodError, ValueError):
     """Raised with every problem of a params file; each line names a dotted key."""
 
     def __init__(self, problems: list[Problem]):

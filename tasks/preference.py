@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 
-from model.generate import score_probes
 from tasks.common import StagePaths, run_stage, write_json
 from tasks.params import Params
 from tasks.training import Job, run_job, stage_files, train_summary
@@ -41,6 +40,8 @@ def preference(params: Params, paths: StagePaths) -> dict:
 
 def hallucination_change(params: Params, paths: StagePaths) -> dict:
     """CHAIR and POPE adversarial F1 of the student before (student_moe) and after (student_pref) this stage."""
+    from model.generate import score_probes  # torch and transformers: after the job, not before it
+
     vocabulary = params.curate.world.shapes
     out = {}
     for when, name in (("before", "moe"), ("after", "pref")):

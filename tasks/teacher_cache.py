@@ -20,7 +20,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from model.builders import load_llava
 from model.data import Collator, ConversationDataset, stage_records
-from model.teacher_cache import bytes_per_token, write_cache
+from model.teacher_cache import bytes_per_token, tokenizer_digest, write_cache
 from tasks.common import STAGING, StagePaths, run_stage, swap_in, write_json
 from tasks.params import TRAINING_STAGES, Params
 from tasks.training import StageError, cache_identity, reads_cache, stage_files
@@ -59,7 +59,7 @@ def teacher_cache(params: Params, paths: StagePaths) -> dict:
         top_k=params.teacher_cache.top_k,
         visual=any(loss.kl_visual for loss in losses),
         relation=any(loss.relation for loss in losses),
-        header={"stages": stages, **cache_identity(paths.teacher, paths.teacher, files)},
+        header={"stages": stages, "tokenizer": tokenizer_digest(paths.teacher), **cache_identity(paths.teacher, files)},
         batch_size=params.teacher_cache.batch_size,
     )
     swap_in(staging, paths.teacher_cache)

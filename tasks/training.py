@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.lifetime import die_with_parent
+from model.teacher_cache import TeacherCache
 from tasks import tracking
 from tasks.common import STAGING, StageFailure, StagePaths, files_sha256, read_jsonl, swap_in, write_json
 from tasks.params import REPO, Params, TrainingParams
@@ -64,16 +65,13 @@ def reads_cache(section: TrainingParams) -> bool:
     return section.teacher.mode == "cached" and any(getattr(section.loss, term) for term in TEACHER_TERMS)
 
 
-def cache_identity(teacher: Path, tokenizer: Path, data_files: list[Path]) -> dict:
-    """What a teacher cache must have been made from: the teacher's weights, the vocabulary, each data file."""
-    from model.teacher_cache import tokenizer_digest  # torch: only where a cache is read
+def cache_identity(teacher: Path, data_files: list[Path]) -> dict:
+    """What a teacher cache must have been made from: the teacher's weights and each data file.
 
-
-    return {
-        "teacher_sha256": files_sha256(sorted(teacher.glob("*.safetensors"))),
-        "tokenizer": tokenizer_digest(tokenizer),
-        "data": {f.name: files_sha256([f]) for f in data_files},
-    }
+    The tokenizer is the job's to check (it loads it anyway): this runs before the job starts and
+    imports neither torch nor transformers.
+    """
+    return {"teacher_sha256": files_sha256(sorted(teacher.glob("*.safetensors"))), "data": {f.name: files_sha256([f]) for f in data_files}}
 
 
 def deepspeed_config(section: TrainingParams) -> dict:
@@ -174,10 +172,8 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
             raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
 
     if spec["teacher_cache"]:
-        # Checked by the job against the cache's header before its first step.
-        spec["teacher_cache"]["expect"] = cache_identity(job.teacher, job.init, job.data_files)
-        from model.teacher_cache import TeacherCache
-
+        # Checked here, before the job starts, and by the job (the tokenizer too) before its first step.
+        spec["teacher_cache"]["expect"] = cache_identity(job.teacher, job.data_files)
         try:
             cache = TeacherCache(paths.teacher_cache)
             cache.check(spec["teacher_cache"]["expect"])
