@@ -12,7 +12,6 @@ Vicuna, ...), not only the embedded one.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from model.jsonl import read_jsonl
 from model.tokenizer import IMAGE_TOKEN
 
 IGNORE = -100
@@ -107,10 +107,7 @@ def subsample(records: list[dict], fraction: float, seed: int) -> list[dict]:
 
 def stage_records(files: list[str], fraction: float, seed: int) -> list[dict]:
     """The records a training stage reads: its split files, subsampled (the teacher cache reads the same)."""
-    records = []
-    for path in files:
-        with open(path, encoding="utf-8") as handle:
-            records += [json.loads(line) for line in handle if line.strip()]
+    records = [record for path in files for record in read_jsonl(Path(path))]
     return subsample(records, fraction, seed)
 
 

@@ -16,6 +16,7 @@ from transformers import AutoProcessor
 
 from model.builders import load_llava
 from model.data import encode_prompt
+from model.jsonl import read_jsonl
 from model.tokenizer import IMAGE_TOKEN
 
 
@@ -90,13 +91,11 @@ def score_probes(
     A quick in-process check for the training stages; the evaluate stage scores the same probes
     through lmms-eval with the same metric functions.
     """
-    import json
 
     from model.metrics import chair_scores, pope_scores, vqa_scores
 
     def load(name: str) -> list[dict]:
-        with (probes / f"{name}.jsonl").open(encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
+        records = list(read_jsonl(probes / f"{name}.jsonl"))
         return records[:limit] if limit else records
 
     answerer = Answerer(checkpoint)

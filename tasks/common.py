@@ -6,18 +6,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from model.errors import TinymodError
+from model.jsonl import read_jsonl  # noqa: F401 - the stages read JSONL through tasks.common
 from tasks.params import Params
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:

@@ -14,7 +14,6 @@ Run: ``python -m tasks.teacher [--params params.yaml]``
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from model.builders import (
 from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
-from tasks.common import StagePaths, files_sha256, run_stage, write_json
+from tasks.common import StagePaths, files_sha256, read_jsonl, run_stage, write_json
 from tasks.params import TRAINED_ON, Params, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
 
@@ -131,7 +130,7 @@ def import_teacher(params: Params, paths: StagePaths) -> dict:
     model = load_llava(paths.teacher)
     # The loss curve of the run that made it, when it ships one (teachers/embedded does); the plot is a stage output.
     history_file = paths.teacher / HISTORY
-    history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] if history_file.exists() else []
+    history = list(read_jsonl(history_file)) if history_file.exists() else []
     plot_history(history, paths.plots / "teacher_loss.png", f"teacher (imported from {params.teacher.source})")
     write_json(paths.metrics / "history" / "teacher.json", history)  # the loss curve for `dvc plots`
     # Scored by the evaluate stage, with every student, through lmms-eval: scoring it here too was the

@@ -302,7 +302,7 @@ class HistoryForwarder:
     def _send(self) -> None:
         if not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = list(read_jsonl(self.path))
         fresh = [row for row in rows if row["step"] > self.sent]
         if fresh:
             tracking.log_steps(self.params, self.run_id, fresh)

@@ -11,7 +11,7 @@ Run: ``python -m tasks.upcycle [--params params.yaml]``
 
 from __future__ import annotations
 
-import json
+import itertools
 import sys
 
 import torch
@@ -20,7 +20,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from model.builders import load_llava, save_checkpoint
 from model.data import Collator, ConversationDataset
 from model.upcycle import moe_layers, parameter_counts, upcycle
-from tasks.common import StageFailure, StagePaths, run_stage, write_json
+from tasks.common import StageFailure, StagePaths, read_jsonl, run_stage, write_json
 from tasks.params import Params
 
 EXACT_ATOL = 1e-4  # float32 logits of the dense and MoE students at upcycling time
@@ -55,8 +55,7 @@ def upcycle_stage(params: Params, paths: StagePaths) -> dict:
 @torch.no_grad()
 def max_logit_difference(dense, moe, paths: StagePaths, checkpoint) -> float:
     """Largest |logit difference| between the two models on the first multitask records."""
-    with paths.split("multitask").open(encoding="utf-8") as handle:
-        records = [json.loads(line) for _, line in zip(range(CHECK_RECORDS), handle, strict=False)]
+    records = list(itertools.islice(read_jsonl(paths.split("multitask")), CHECK_RECORDS))
     if not records:
         raise StageFailure(f"{paths.split('multitask')} is empty: nothing to check upcycling on")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
