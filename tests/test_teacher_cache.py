@@ -132,3 +132,12 @@ def test_a_truncated_cache_file_fails_clearly_never_a_partial_read(cached):
     (cache.path / "offsets.npy").unlink()
     with pytest.raises(ValueError, match="offsets.npy"):
         TeacherCache(cache.path)
+
+
+def test_a_cache_killed_before_its_header_was_written_is_not_a_cache(cached):
+    """The header is written last: a stage killed mid-write leaves a folder no training stage accepts."""
+    _, _, _, write = cached
+    cache, _ = write(top_k=16)
+    (cache.path / "header.json").unlink()
+    with pytest.raises(ValueError, match=r"no teacher cache here \(header.json missing\); run `dvc repro teacher_cache`"):
+        TeacherCache(cache.path)
