@@ -158,7 +158,7 @@ def test_a_stage_that_fails_after_its_job_keeps_the_previous_checkpoint(project,
     """
     from tasks import tracking
 
-    root = copy_inputs(project, tmp_path / "lost", "data/curated", "models/teacher", "models/student_align", "models/student_dense")
+    root = copy_inputs(project, tmp_path / "lost", "data/curated", "data/teacher_cache", "models/teacher", "models/student_align", "models/student_dense")
     before = (root / "models/student_dense/model.safetensors").read_bytes()
 
     def tracking_lost(*args, **kwargs):
@@ -189,7 +189,7 @@ def ranks_running_in(root: Path) -> list[int]:
 
 def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_weights(project, tmp_path):
     """Kill the job with SIGKILL after a checkpoint, re-run the stage: the pipeline's uninterrupted weights."""
-    root = copy_inputs(project, tmp_path / "resume", "data/curated", "models/teacher", "models/student_align")
+    root = copy_inputs(project, tmp_path / "resume", "data/curated", "data/teacher_cache", "models/teacher", "models/student_align")
     uninterrupted = load_file(project / "models/student_dense/model.safetensors")
     run = [sys.executable, "-m", "tasks.mimic_dense"]
     process = subprocess.Popen(run, cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

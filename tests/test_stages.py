@@ -83,7 +83,7 @@ def copy_inputs(project: Path, root: Path, *names: str) -> Path:
 
 
 def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, monkeypatch):
-    root = copy_inputs(project, tmp_path / "broken", "data/curated", "models/teacher", "models/student_align")
+    root = copy_inputs(project, tmp_path / "broken", "data/curated", "data/teacher_cache", "models/teacher", "models/student_align")
     (root / "models/student_align/model.safetensors").write_bytes(b"not safetensors")
     monkeypatch.chdir(root)
     assert mimic_dense.main(["--params", "params.yaml"]) == 1
