@@ -76,7 +76,7 @@ HEADLINES: dict[str, dict[str, tuple]] = {
     "teacher": {"vqa": ("probes", "vqa", "accuracy"), "pope_f1_adv": ("probes", "pope_adversarial", "f1"), "chair_i": ("probes", "caption", "chair_i")},
     **{stage: TRAINED for stage in ("align", "mimic_dense", "baseline", "mimic_sparse", "preference")},
     "upcycle": {"logit_diff": ("max_abs_logit_difference",)},
-    "teacher_cache": {"records": ("records",), "bytes_per_token": ("bytes_per_token",), "seconds": ("seconds",)},
+    "teacher_cache": {"seconds": ("seconds",)},  # records, bytes and B/token: metrics/teacher_cache.json
     "evaluate": {"vqa": ("tasks", "tinymod_vqa", "vqa_accuracy"), "pope_f1_adv": ("tasks", "tinymod_pope_adversarial", "pope_f1"), "chair_i": ("tasks", "tinymod_caption", "chair_i")},
     "register": {"version": ("version",), "gate_passed": ("gate_passed",)},
 }
