@@ -267,7 +267,11 @@ def log_to_mlflow(data: dict, seeds: list[int]) -> None:
     params = load_params(REPO / "params.yaml")
     params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": "tinymod-ablation"})})
     run_id = tracking.start_stage_run(params, "ablation", {"seeds": seeds, "variants": list(VARIANTS)}, root=REPO)
-    metrics = {label.split(")")[0].strip("(") if ")" in label else label: {c: v["mean"] for c, v in e.items() if isinstance(v, dict) and "mean" in v} for label, e in data.items()}
+    # MLflow names allow no apostrophe: row (2') is logged as 2-live.
+    metrics = {
+        (label.split(")")[0].strip("(").replace("'", "-live") if ")" in label else label): {c: v["mean"] for c, v in e.items() if isinstance(v, dict) and "mean" in v}
+        for label, e in data.items()
+    }
     tracking.finish_run(params, run_id, metrics, [REPO / "reports/ablation.md", REPO / "reports/plots/ablation.png", REPO / "metrics/ablation.json"], root=REPO)
 
 
