@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+TEACHER_TERMS = ("kl_response", "kl_visual", "relation")  # the loss terms that read the teacher
+
 
 class Section(BaseModel):
     """A params section: unknown keys are errors and every field carries its docstring."""

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from model.builders import load_llava, save_checkpoint
+from model.config import TEACHER_TERMS
 from model.lifetime import die_with_parent
 from model.data import Collator, ConversationDataset, PreferenceDataset, stage_records
 from model.losses import (
@@ -45,7 +46,6 @@ from model.losses import (
 from model.teacher_cache import TeacherCache, tokenizer_digest
 from model.upcycle import RouterLogits, parameter_counts, routers
 
-TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
 CHECKPOINTS_KEPT = 2
 
 

@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from model.errors import TinymodError
-from model.config import Section, TextParams, UpcycleParams, VisionParams  # re-exported: the sections model/ reads
+from model.config import TEACHER_TERMS, Section, TextParams, UpcycleParams, VisionParams  # re-exported: the sections model/ reads
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
@@ -708,7 +708,7 @@ def _cross_checks(p: Params) -> list[Problem]:
             problems.append(Problem(f"{name}.splits", "the preference split only feeds the preference stage"))
         if name != "preference" and weights["dpo"]:
             problems.append(Problem(f"{name}.loss.dpo", "the DPO term needs preference pairs: only the preference stage may use it"))
-        if name in ("teacher.train",) and any(weights[k] for k in ("kl_response", "kl_visual", "relation")):
+        if name in ("teacher.train",) and any(weights[k] for k in TEACHER_TERMS):
             problems.append(Problem(f"{name}.loss", "the teacher has no teacher: only ce (and router_aux) apply"))
         if stage.teacher.mode == "cached":
             if name in ("teacher.train", "preference"):

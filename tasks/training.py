@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import TEACHER_TERMS
 from model.lifetime import die_with_parent
 from model.teacher_cache import TeacherCache
 from tasks import tracking
@@ -55,9 +56,6 @@ class Job:
     @property
     def preference(self) -> bool:
         return self.reference is not None
-
-
-TEACHER_TERMS = ("kl_response", "kl_visual", "relation")
 
 
 def reads_cache(section: TrainingParams) -> bool:
