@@ -13,6 +13,8 @@ run-cache (the teacher has its own seed) and only the student stages train:
                        (upcycled to 1 expert, top-1: a dense FFN in MoE form)
     llava_mod_live     llava_mod's mimic stages with the teacher live instead of cached (the cache's quality check)
     llava_kd           the LLaVA-KD recipe (DPT -> SFT -> DFT), student kept dense -> student after DFT
+    llava_kd_dpt_sft, llava_kd_pt_sft_dft   LLaVA-KD's schedule ablation (with no_teacher = PT -> SFT
+                       and llava_kd): the recipe ending at SFT, and with PT (ce-only align) for DPT
 
 Every student is scored through the evaluate stage (lmms-eval). Writes
 reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
@@ -64,18 +66,22 @@ VARIANTS = {
         "mimic_sparse",
         {"dense": "(2') dense KD, live teacher", "moe": "(3') MoE KD, live teacher"},
     ),
-    # LLaVA-KD keeps its student dense: one expert, top-1, is the dense FFN in MoE form.
-    "llava_kd": (
-        {"recipe": "llava-kd", "upcycle": {"num_experts": 1, "top_k": 1}},
-        "mimic_sparse",
-        {"moe": "(6) LLaVA-KD: DPT -> SFT -> DFT (dense)"},
+    # LLaVA-KD's own stage graph: the student stays dense, DFT's is the final one.
+    "llava_kd": ({"recipe": "llava-kd"}, "dft", {"dft": "(6) LLaVA-KD: DPT -> SFT -> DFT (dense)"}),
+    # LLaVA-KD's ablation of its schedule (its Table 4), beside (1) = PT -> SFT and (6): not in the default run.
+    "llava_kd_dpt_sft": ({"recipe": "llava-kd", "stages": ["align", "mimic_dense"]}, "mimic_dense", {"dense": "(7) LLaVA-KD: DPT -> SFT"}),
+    "llava_kd_pt_sft_dft": (
+        {"recipe": "llava-kd", "align": {"loss": {"ce": 1.0, "kl_response": 0.0, "kl_visual": 0.0, "relation": 0.0}}},
+        "dft",
+        {"dft": "(8) LLaVA-KD: PT -> SFT -> DFT"},
     ),
 }
+DEFAULT_VARIANTS = ["no_teacher", "llava_mod", "dense_same_active", "llava_mod_live", "llava_kd"]
 # Higher is better (True), lower (False) or neither (None), per headline figure.
 HIGHER = {label: up for label, _, _, up in HEADLINE}
-STAGE_METRICS = ("align", "mimic_dense", "mimic_sparse", "preference")
-# A model's training time is that of the stages up to the one that writes it.
-TRAINED_BY = {"dense": "mimic_dense", "moe": "mimic_sparse", "pref": "preference"}
+STAGE_METRICS = ("align", "mimic_dense", "mimic_sparse", "preference", "dft")
+# A model's training time is that of the stages that lead to it.
+TRAINED_BY = {"dense": ("align", "mimic_dense"), "moe": ("align", "mimic_dense", "mimic_sparse"), "pref": STAGE_METRICS[:4], "dft": ("align", "mimic_dense", "dft")}
 
 
 def run(command: list[str], cwd: Path, threads: int | None) -> None:
@@ -135,7 +141,7 @@ def table(results: dict) -> tuple[list[str], dict]:
             entry[column] = {"mean": mean, "std": std, "n": len(values), "per_seed": values}
             cells.append(f"{mean:.3f} ± {std:.3f}")
         params = per_seed[0]["parameters"]
-        stages = STAGE_METRICS[: STAGE_METRICS.index(TRAINED_BY[model]) + 1] if variant != "teacher" else ()
+        stages = TRAINED_BY[model] if variant != "teacher" else ()
         seconds = [sum(r["stage_seconds"].get(s, 0.0) for s in stages) for r in runs] if stages else []
         entry.update(parameters=params, train_seconds=statistics.fmean(seconds) if seconds else None)
         time_cell = f"{statistics.fmean(seconds):.0f}" if seconds else "(teacher stage)"
@@ -151,6 +157,8 @@ CLAIMS = [
     ("(c) after preference distillation the student hallucinates less than the teacher", "(4)", "teacher", ["partner halluc.", "POPE F1 adv", "POPE acc adv", "CHAIR-i"]),
     ("(c) ... at no loss of understanding or recall (vs the student before it)", "(4)", "(3)", ["VQA acc", "object recall", "partner halluc.", "POPE F1 adv"]),
     ("(d) LLaVA-KD: DPT -> SFT -> DFT beats PT -> SFT", "(6)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
+    ("(d') LLaVA-KD's schedule: DPT -> SFT beats PT -> SFT", "(7)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
+    ("(d') ... and PT -> SFT -> DFT beats PT -> SFT", "(8)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
     ("(cache) the teacher cache's top-32 distils the MoE student as the live teacher does", "(3)", "(3')", ["VQA acc", "POPE F1 adv", "object recall", "partner halluc."]),
 ]
 
@@ -218,7 +226,9 @@ def plot(data: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS), help="default: the four claims and the cache check; "
+                        "LLaVA-KD's schedule ablation: no_teacher llava_kd llava_kd_dpt_sft llava_kd_pt_sft_dft")
+    parser.add_argument("--name", default="ablation", help="reports/<name>.md, reports/plots/<name>.png, metrics/<name>.json (default: ablation)")
     parser.add_argument("--workdir", type=Path, help="keep the workspaces here (default: a temporary folder)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores/jobs threads (default 2)")
     args = parser.parse_args()
@@ -240,7 +250,7 @@ def main() -> None:
         "# Ablation on the embedded world",
         "",
         f"Seeds {args.seeds}; every student scored by the evaluate stage (lmms-eval); {minutes:.0f} minutes in all.",
-        "Reproduce: `python bench/ablation.py`.",
+        "Reproduce: `python bench/ablation.py" + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)} --name {args.name}") + "`.",
         "",
         *header,
         *rows,
@@ -249,30 +259,31 @@ def main() -> None:
         "",
         *claims(data),
         "",
-        "![ablation](plots/ablation.png)",
+        f"![ablation](plots/{args.name}.png)",
         "",
     ]
     (REPO / "reports/plots").mkdir(parents=True, exist_ok=True)
-    (REPO / "reports/ablation.md").write_text("\n".join(report), encoding="utf-8")
-    plot(data, REPO / "reports/plots/ablation.png")
-    (REPO / "metrics/ablation.json").write_text(json.dumps({"seeds": args.seeds, "minutes": minutes, "rows": data}, indent=2))
-    log_to_mlflow(data, args.seeds)
+    outputs = [REPO / f"reports/{args.name}.md", REPO / f"reports/plots/{args.name}.png", REPO / f"metrics/{args.name}.json"]
+    outputs[0].write_text("\n".join(report), encoding="utf-8")
+    plot(data, outputs[1])
+    outputs[2].write_text(json.dumps({"seeds": args.seeds, "variants": args.variants, "minutes": minutes, "rows": data}, indent=2))
+    log_to_mlflow(data, args.seeds, args.variants, outputs)
     print("\n".join(report))
 
 
-def log_to_mlflow(data: dict, seeds: list[int]) -> None:
+def log_to_mlflow(data: dict, seeds: list[int], variants: list[str], outputs: list[Path]) -> None:
     from tasks import tracking
     from tasks.params import load_params
 
     params = load_params(REPO / "params.yaml")
     params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": "tinymod-ablation"})})
-    run_id = tracking.start_stage_run(params, "ablation", {"seeds": seeds, "variants": list(VARIANTS)}, root=REPO)
+    run_id = tracking.start_stage_run(params, "ablation", {"seeds": seeds, "variants": variants}, root=REPO)
     # MLflow names allow no apostrophe: row (2') is logged as 2-live.
     metrics = {
         (label.split(")")[0].strip("(").replace("'", "-live") if ")" in label else label): {c: v["mean"] for c, v in e.items() if isinstance(v, dict) and "mean" in v}
         for label, e in data.items()
     }
-    tracking.finish_run(params, run_id, metrics, [REPO / "reports/ablation.md", REPO / "reports/plots/ablation.png", REPO / "metrics/ablation.json"], root=REPO)
+    tracking.finish_run(params, run_id, metrics, outputs, root=REPO)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from tasks.params import REPO, STAGES, ParamsError, Problem, load_layers, load_params, origin, read_params_file, resolve
+from tasks.params import REPO, ParamsError, Problem, load_layers, load_params, origin, read_params_file, resolve
+from tasks.stages import dump, out_of_date, render
 
 TRANSIENT_MARKERS = (
     "Unable to acquire lock",  # DVC: another dvc process holds the repo
@@ -204,9 +205,12 @@ def distill_pipeline(recipe: str | None = None, overrides: dict | None = None, p
     if changes:
         logger.info("params.yaml changed: %s", ", ".join(changes))
     params = load_params(root / "params.yaml")  # every problem reported before any work
+    if out_of_date(params, root):  # a recipe override changes which stages run: dvc.yaml follows it
+        (root / "dvc.yaml").write_text(dump(render(params, root)))
+        logger.info("dvc.yaml rendered for recipe %s: %s", params.recipe, ", ".join(params.pipeline))
     flow_run_id = str(runtime.flow_run.id)
     results = {}
-    for stage in STAGES:
+    for stage in params.pipeline:
         results[stage] = run_stage(stage, workdir, flow_run_id)
     registered = results["register"]["metrics"]
     if registered.get("awaiting_approval"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from model.errors import TinymodError
 from model.jsonl import read_jsonl  # noqa: F401 - the stages read JSONL through tasks.common
-from tasks.params import Params
+from tasks.params import STUDENT_STAGES, Params
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
@@ -74,7 +74,7 @@ TRAINED = {"loss": ("final", "loss"), "seconds": ("seconds",)}
 HEADLINES: dict[str, dict[str, tuple]] = {
     "curate": {"kept": ("kept",), "rejected": ("rejected",)},
     "teacher": {"vqa": ("probes", "vqa", "accuracy"), "pope_f1_adv": ("probes", "pope_adversarial", "f1"), "chair_i": ("probes", "caption", "chair_i")},
-    **{stage: TRAINED for stage in ("align", "mimic_dense", "baseline", "mimic_sparse", "preference")},
+    **{stage: TRAINED for stage, role in STUDENT_STAGES.items() if role.trains},
     "upcycle": {"logit_diff": ("max_abs_logit_difference",)},
     "teacher_cache": {"seconds": ("seconds",)},  # records, bytes and B/token: metrics/teacher_cache.json
     "evaluate": {"vqa": ("tasks", "tinymod_vqa", "vqa_accuracy"), "pope_f1_adv": ("tasks", "tinymod_pope_adversarial", "pope_f1"), "chair_i": ("tasks", "tinymod_caption", "chair_i")},
@@ -85,7 +85,7 @@ HEADLINES: dict[str, dict[str, tuple]] = {
 def headline(stage: str, metrics: dict, params: Params) -> dict:
     """The stage's few headline numbers (evaluate: the registered model's), rounded for a terminal."""
     if stage == "evaluate":
-        metrics = metrics.get("models", {}).get(params.register.model, {})
+        metrics = metrics.get("models", {}).get(params.registered_model, {})
     out = {}
     for key, path in HEADLINES.get(stage, {}).items():
         value = metrics
@@ -113,6 +113,7 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        check_graph(name, params, args.params.resolve().parent)
         paths = StagePaths(params)
         metrics = work(params, paths)
         if headline_out and name in HEADLINES:
@@ -134,6 +135,17 @@ def run_stage(name: str, work, doc: str | None, argv: list[str] | None = None, s
 
 class StageFailure(TinymodError, RuntimeError):
     """Base of every error a stage reports as a clean failure (message, exit 1), not a traceback."""
+
+
+def check_graph(name: str, params, root: Path) -> None:
+    """Refuse a stage the recipe does not run, or a dvc.yaml rendered for other params, before any work."""
+    from tasks.stages import out_of_date
+
+    if name in STUDENT_STAGES and name not in params.pipeline:
+        raise StageFailure(f"recipe {params.recipe} has no stage {name} (its stages: {', '.join(params.pipeline)})")
+    why = out_of_date(params, root)
+    if why:
+        raise StageFailure(why)
 
 
 STAGING = ".staging"  # a stage's outputs are built beside their final names and renamed into place on success

@@ -21,17 +21,9 @@ from pathlib import Path
 
 from tasks import tracking
 from tasks.common import StageFailure, StagePaths, run_stage, write_json
-from tasks.params import REPO, Params
+from tasks.params import CHECKPOINTS, REPO, Params
 
 TASKS_DIR = REPO / "model" / "lmms_tasks"
-CHECKPOINTS = {
-    "teacher": "teacher",
-    "align": "student_align",
-    "baseline": "student_baseline",
-    "dense": "student_dense",
-    "moe": "student_moe",
-    "pref": "student_pref",
-}
 # The figures a reviewer compares first: (label, task, metric, higher is better).
 HEADLINE = [
     ("VQA acc", "tinymod_vqa", "vqa_accuracy", True),
@@ -74,7 +66,7 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
     if unknown:
         raise EvaluationError(f"evaluate.tasks: unknown lmms-eval tasks {unknown}; tinymod ships {sorted(t for t in manager.all_tasks if t.startswith('tinymod_'))}")
     started = time.time()
-    models = {name: score_checkpoint(paths.models / CHECKPOINTS[name], list(e.tasks), manager, params) for name in e.models}
+    models = {name: score_checkpoint(paths.models / CHECKPOINTS[name], list(e.tasks), manager, params) for name in params.evaluated_models}
     metrics = {"models": models, "tasks": list(e.tasks), "limit": e.limit, "seconds": round(time.time() - started, 1)}
     write_json(paths.metrics / "eval.json", metrics)
     report = write_report(metrics, paths)
@@ -85,7 +77,7 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
 
 
 def _check_inputs(params: Params, paths: StagePaths) -> None:
-    missing = [name for name in params.evaluate.models if not (paths.models / CHECKPOINTS[name] / "config.json").exists()]
+    missing = [name for name in params.evaluated_models if not (paths.models / CHECKPOINTS[name] / "config.json").exists()]
     if missing:
         raise EvaluationError(f"evaluate.models: no checkpoint for {missing} under {paths.models}; run the stages that make them (dvc repro)")
     if any(t.startswith("tinymod_") for t in params.evaluate.tasks):

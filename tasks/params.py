@@ -4,8 +4,8 @@
 stage sees are resolved in layers, later layers winning:
 
 1. the defaults written below,
-2. the recipe named by ``recipe`` (``recipes/<recipe>.yaml``: which modules
-   train and the loss weights of each training stage),
+2. the recipe named by ``recipe`` (``recipes/<recipe>.yaml``: its student
+   stages, which modules train and the loss weights of each training stage),
 3. ``params.yaml`` itself,
 4. the preset named by ``preset`` (``presets/<preset>.yaml``: a scale
    override, e.g. ``ci`` shrinks the embedded default to run in CI).
@@ -39,8 +39,34 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
 # Written beside a trained teacher's weights: the world and recipe it learned from.
 TRAINED_ON = "tinymod_trained_on.json"
-STAGES = ("curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
-TRAINING_STAGES = ("align", "mimic_dense", "mimic_sparse", "preference")
+
+
+@dataclass(frozen=True)
+class StudentStage:
+    """What a student stage is: the checkpoint it writes, the one it starts from, whether its student is an MoE."""
+
+    makes: str
+    reads: str | None
+    moe: bool
+    trains: bool = True
+
+
+# Every stage that makes a student. A recipe's `stages` is a chain of these (see Params.pipeline);
+# `baseline` runs in every recipe, after mimic_dense, with mimic_dense's settings and no teacher.
+STUDENT_STAGES = {
+    "align": StudentStage(makes="align", reads=None, moe=False),
+    "mimic_dense": StudentStage(makes="dense", reads="align", moe=False),
+    "baseline": StudentStage(makes="baseline", reads="align", moe=False),
+    "upcycle": StudentStage(makes="upcycled", reads="dense", moe=True, trains=False),
+    "mimic_sparse": StudentStage(makes="moe", reads="upcycled", moe=True),
+    "preference": StudentStage(makes="pref", reads="moe", moe=True),
+    "dft": StudentStage(makes="dft", reads="dense", moe=False),
+}
+# Checkpoint folder under paths.models of every model key.
+CHECKPOINTS = {"teacher": "teacher"} | {stage.makes: f"student_{stage.makes}" for stage in STUDENT_STAGES.values()}
+TRAINING_STAGES = tuple(name for name, stage in STUDENT_STAGES.items() if stage.trains and name != "baseline")
+RecipeStage = Literal["align", "mimic_dense", "upcycle", "mimic_sparse", "preference", "dft"]
+ModelName = Literal["teacher", "align", "baseline", "dense", "moe", "pref", "dft"]
 Split = Literal["general", "multitask", "preference"]
 Module = Literal[
     "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
@@ -54,7 +80,7 @@ class Paths(Section):
     data: str = "data"
     """Root of generated and curated data (data/world, data/curated)."""
     models: str = "models"
-    """Root of checkpoints: tokenizer, teacher, student_align, student_dense, student_moe, student_pref."""
+    """Root of checkpoints: tokenizer, teacher, student_<model> (align, dense, baseline, upcycled, moe, pref, dft)."""
     metrics: str = "metrics"
     """One JSON per stage, read by `dvc metrics show`."""
     reports: str = "reports"
@@ -384,10 +410,8 @@ class EvaluateParams(Section):
         ]
     )
     """lmms-eval task names: the embedded probes (tinymod_*) or any lmms-eval task (pope, mme, gqa, ...) whose data is reachable."""
-    models: list[Literal["teacher", "align", "dense", "baseline", "moe", "pref"]] = Field(
-        default_factory=lambda: ["teacher", "baseline", "dense", "moe", "pref"]
-    )
-    """Checkpoints to score (`align` too: the aligned student, before it learns to answer)."""
+    models: list[ModelName] | None = None
+    """Checkpoints to score; None: the teacher, the baseline and every trained student the recipe's stages make (`align` too on request: the aligned student, before it learns to answer)."""
     batch_size: int = Field(32, ge=1)
     """Requests per generate call."""
     limit: int | None = Field(None, ge=1)
@@ -409,8 +433,8 @@ class GateParams(Section):
 class RegisterParams(Section):
     model_name: str = Field("tinymod-student", min_length=1)
     """Registered model in the MLflow registry."""
-    model: Literal["pref", "moe", "dense"] = "pref"
-    """Which student becomes the new version."""
+    model: Literal["final", "dense", "moe", "pref", "dft"] = "final"
+    """Which student becomes the new version; final: the one the recipe's last stage makes."""
     gate: GateParams = GateParams()
     """Checks that move the `champion` alias to the new version."""
     promote: bool = True
@@ -438,7 +462,9 @@ class Params(Section):
     preset: str = "embedded"
     """Scale preset applied over this file: presets/<preset>.yaml (embedded: as written; ci: small and fast)."""
     recipe: str = "llava-mod"
-    """Distillation recipe: recipes/<recipe>.yaml sets each training stage's modules and loss weights."""
+    """Distillation recipe: recipes/<recipe>.yaml sets its stages and each training stage's modules and loss weights."""
+    stages: list[RecipeStage] = Field(default_factory=lambda: ["align", "mimic_dense", "upcycle", "mimic_sparse", "preference"], min_length=1)
+    """The student stages the pipeline runs, in order (set by the recipe; `python -m tasks.stages` renders dvc.yaml from them)."""
     paths: Paths = Paths()
     """Where stages write (DESIGN.md's contract)."""
     tracking: Tracking = Tracking()
@@ -459,6 +485,8 @@ class Params(Section):
     """Stage mimic_sparse: dense-to-sparse mimic distillation."""
     preference: PreferenceParams = PreferenceParams(splits=["preference"], lr=1e-4, steps=100)
     """Stage preference: preference distillation (DPO family) with the teacher as reference."""
+    dft: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
+    """Stage dft: LLaVA-KD's distilled fine-tuning of the dense student (recipe llava-kd)."""
     evaluate: EvaluateParams = EvaluateParams()
     """Stage evaluate: lmms-eval on the teacher and every student."""
     register: RegisterParams = RegisterParams()
@@ -469,6 +497,33 @@ class Params(Section):
     def uses_world(self) -> bool:
         """Whether the embedded world is among curate.sources (its ground truth feeds vision pretraining and word alignment)."""
         return any(source.kind == "world" for source in self.curate.sources)
+
+    @property
+    def pipeline(self) -> tuple[str, ...]:
+        """Every DVC stage this recipe runs, in order: the recipe's student stages between the shared ones."""
+        students = [s for name in self.stages for s in ((name, "baseline") if name == "mimic_dense" else (name,))]
+        return ("curate", "teacher", "teacher_cache", *students, "evaluate", "register")
+
+    @property
+    def final_model(self) -> str:
+        """The student the recipe's last stage makes."""
+        return STUDENT_STAGES[self.stages[-1]].makes
+
+    @property
+    def registered_model(self) -> str:
+        return self.final_model if self.register.model == "final" else self.register.model
+
+    @property
+    def evaluated_models(self) -> list[str]:
+        """``evaluate.models``, or by default the teacher, the baseline and every trained student of the recipe."""
+        if self.evaluate.models is not None:
+            return list(self.evaluate.models)
+        made = [STUDENT_STAGES[name].makes for name in self.pipeline if name in STUDENT_STAGES and STUDENT_STAGES[name].trains and name != "align"]
+        return ["teacher", *sorted(made, key=lambda m: m != "baseline")]
+
+    def training_sections(self) -> list[tuple[str, TrainingParams]]:
+        """The recipe's training stages with their params sections, in order."""
+        return [(name, getattr(self, name)) for name in self.stages if STUDENT_STAGES[name].trains]
 
     @property
     def word_aligns(self) -> bool:
@@ -676,8 +731,8 @@ def _cross_checks(p: Params) -> list[Problem]:
                 problems.append(Problem(f"upcycle.layers[{i}]", f"layer {layer} does not exist: the student has {n} layers (0..{n - 1})"))
     if up.shared_expert and p.align.student.llm == "init" and p.align.student.text.family == "qwen3":
         problems.append(Problem("upcycle.shared_expert", "Qwen3-MoE has no shared expert; use align.student.text.family: qwen2"))
-    if up.shared_expert and not any(
-        {"shared_expert", "llm"} & set(section.modules) for section in (p.mimic_sparse, p.preference)
+    if up.shared_expert and "upcycle" in p.stages and not any(
+        {"shared_expert", "llm"} & set(section.modules) for name, section in p.training_sections() if STUDENT_STAGES[name].moe
     ):
         problems.append(
             Problem(
@@ -686,10 +741,9 @@ def _cross_checks(p: Params) -> list[Problem]:
                 "add shared_expert to mimic_sparse.modules",
             )
         )
-    stages: list[tuple[str, TrainingParams]] = [("teacher.train", p.teacher.train)] + [
-        (name, getattr(p, name)) for name in TRAINING_STAGES
-    ]
-    for name, stage in stages:
+    problems += _graph_problems(p)
+    for name, stage in [("teacher.train", p.teacher.train), *p.training_sections()]:
+        moe = name in STUDENT_STAGES and STUDENT_STAGES[name].moe
         if not stage.modules:
             problems.append(Problem(f"{name}.modules", "nothing to train: list at least one module (the recipe usually sets this)"))
         weights = stage.loss.model_dump()
@@ -718,12 +772,12 @@ def _cross_checks(p: Params) -> list[Problem]:
                 problems.append(Problem(f"{name}.teacher.mode", "the cache holds response and image positions only: set distill_all_tokens: false or mode: live"))
             if stage.teacher.top_k > p.teacher_cache.top_k:
                 problems.append(Problem(f"{name}.teacher.top_k", f"must be <= teacher_cache.top_k ({p.teacher_cache.top_k}), what the cache stores"))
-        if name in ("teacher.train", "align", "mimic_dense") and weights["router_aux"]:
+        if not moe and weights["router_aux"]:
             problems.append(Problem(f"{name}.loss.router_aux", "the model is dense at this stage: router_aux needs an MoE student"))
         moe_only = {"experts", "router", "shared_expert"} & set(stage.modules)
-        if name in ("teacher.train", "align", "mimic_dense") and moe_only:
+        if not moe and moe_only:
             problems.append(Problem(f"{name}.modules", f"{', '.join(sorted(moe_only))} exist only after upcycling"))
-        if name in ("mimic_sparse", "preference") and stage.zero_stage == 3 and stage.world_size > 1:
+        if moe and stage.zero_stage == 3 and stage.world_size > 1:
             problems.append(
                 Problem(
                     f"{name}.zero_stage",
@@ -731,6 +785,8 @@ def _cross_checks(p: Params) -> list[Problem]:
                     "'expected a non-empty list of Tensors'); use zero_stage: 2 (optimizer states and gradients sharded) or world_size: 1",
                 )
             )
+    if "preference" not in p.stages:
+        return problems
     for term in ("ce", "kl_response", "kl_visual", "relation"):
         if getattr(p.preference.loss, term):
             problems.append(
@@ -740,6 +796,30 @@ def _cross_checks(p: Params) -> list[Problem]:
         problems.append(Problem("preference.splits", "the preference stage trains on [preference] only"))
     if not p.preference.loss.dpo:
         problems.append(Problem("preference.loss.dpo", "must be > 0: it is the preference stage's objective"))
+    return problems
+
+
+def _graph_problems(p: Params) -> list[Problem]:
+    """The recipe's stages must form a chain: each starts from a student an earlier one made."""
+    problems: list[Problem] = []
+    made = {"teacher"}
+    for i, name in enumerate(p.stages):
+        stage = STUDENT_STAGES[name]
+        if name in p.stages[:i]:
+            problems.append(Problem(f"stages[{i}]", f"{name} is listed twice"))
+        elif stage.reads is not None and stage.reads not in made:
+            maker = next(n for n, s in STUDENT_STAGES.items() if s.makes == stage.reads)
+            problems.append(Problem(f"stages[{i}]", f"{name} starts from the student {maker} makes: list {maker} before it"))
+        made |= {stage.makes} | ({"baseline"} if name == "mimic_dense" else set())
+    if p.stages and not STUDENT_STAGES[p.stages[-1]].trains:
+        problems.append(Problem("stages", f"the last stage makes the final student, and {p.stages[-1]} trains nothing: end with a training stage"))
+    if p.stages and p.stages[0] != "align":
+        problems.append(Problem("stages[0]", "the first student stage must be align: it builds the student"))
+    for i, model in enumerate(p.evaluate.models or []):
+        if model not in made:
+            problems.append(Problem(f"evaluate.models[{i}]", f"no stage of this recipe makes {model!r} (stages: {', '.join(p.stages)})"))
+    if p.register.model != "final" and p.register.model not in made:
+        problems.append(Problem("register.model", f"no stage of this recipe makes {p.register.model!r}; final is {p.final_model!r}"))
     return problems
 
 

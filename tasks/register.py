@@ -34,10 +34,9 @@ import yaml
 from model.s3 import check_bucket
 from tasks import tracking
 from tasks.common import StageFailure, StagePaths, files_sha256, run_stage, write_json
-from tasks.evaluate import CHECKPOINTS, HEADLINE, headline
-from tasks.params import GateParams, Params
+from tasks.evaluate import HEADLINE, headline
+from tasks.params import CHECKPOINTS, GateParams, Params
 
-TRAINING_STAGES = ("teacher", "align", "mimic_dense", "mimic_sparse", "preference")
 
 
 class RegisterError(StageFailure):
@@ -63,15 +62,16 @@ def gate_checks(student: dict, teacher: dict, gate: GateParams) -> list[dict]:
 
 def register(params: Params, paths: StagePaths) -> dict:
     r = params.register
-    checkpoint = paths.models / CHECKPOINTS[r.model]
+    model = params.registered_model
+    checkpoint = paths.models / CHECKPOINTS[model]
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights:
         raise RegisterError(f"register.model: {checkpoint} has no safetensors weights; run the stages before register (dvc repro)")
     scores = json.loads((paths.metrics / "eval.json").read_text())["models"]
-    missing = [m for m in (r.model, "teacher") if m not in scores]
+    missing = [m for m in (model, "teacher") if m not in scores]
     if missing:
         raise RegisterError(f"metrics/eval.json has no scores for {missing}; add them to evaluate.models")
-    student, teacher = headline(scores[r.model]), headline(scores["teacher"])
+    student, teacher = headline(scores[model]), headline(scores["teacher"])
     needed = {"POPE F1 adv", "VQA acc", "CHAIR-i", "object recall", "partner halluc."}
     if not needed <= set(student) or not needed <= set(teacher):
         raise RegisterError("the gate needs tinymod_pope_adversarial, tinymod_vqa and tinymod_caption in evaluate.tasks")
@@ -89,7 +89,7 @@ def register(params: Params, paths: StagePaths) -> dict:
         version = existing[0]
         print(f"register: {checkpoint} is already version {version.version} of {name}; no new version", flush=True)
     else:
-        version = _new_version(params, paths, client, checkpoint, weights_hash, scores[r.model])
+        version = _new_version(params, paths, client, checkpoint, weights_hash, scores[model])
     client.set_registered_model_alias(name, "candidate", version.version)
     verdict = "; ".join(f"{'pass' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']} vs {c['bound']})" for c in checks)
     client.set_model_version_tag(name, version.version, "tinymod.gate", "passed" if passed else "failed")
@@ -169,7 +169,7 @@ def lineage_tags(params: Params, paths: StagePaths, weights_hash: str) -> dict[s
 
     return {
         "tinymod.recipe": params.recipe,
-        "tinymod.model": params.register.model,
+        "tinymod.model": params.registered_model,
         "tinymod.git_commit": tracking.git_commit(),
         "tinymod.dvc.curated_md5": out_hash("curate", paths.curated),
         "tinymod.dvc.teacher_md5": out_hash("teacher", paths.teacher),
@@ -192,12 +192,12 @@ def registry_state(client, name: str, version: str, aliases: list[str]) -> dict:
 def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[dict], registry: dict) -> Path:
     """The review card: the registry's verdict, teacher vs student with deltas, the gate, parameters, training time, data."""
     r = params.register
-    student, teacher = scores[r.model], scores["teacher"]
+    student, teacher = scores[params.registered_model], scores["teacher"]
     s, t = headline(student), headline(teacher)
     failed = [c for c in checks if not c["passed"]]
     champion = f"version {registry['champion']}" if registry["champion"] else "no version yet"
     lines = [
-        f"# Review: {r.model_name} ({r.model} student, recipe {params.recipe})",
+        f"# Review: {r.model_name} ({params.registered_model} student, recipe {params.recipe})",
         "",
         f"Version {registry['version']}, aliases: {', '.join('@' + a for a in registry['aliases'])}. `champion` points to {champion}.",
         (
@@ -234,7 +234,7 @@ def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[d
         "|---|---:|---:|---:|---:|",
     ]
     total = 0.0
-    for stage in TRAINING_STAGES:
+    for stage in ("teacher", *(name for name, _ in params.training_sections())):
         path = paths.metrics / f"{stage}.json"
         if path.exists():
             m = json.loads(path.read_text())

@@ -22,12 +22,12 @@ from model.builders import load_llava
 from model.data import Collator, ConversationDataset, stage_records
 from model.teacher_cache import bytes_per_token, tokenizer_digest, write_cache
 from tasks.common import STAGING, StagePaths, run_stage, swap_in, write_json
-from tasks.params import TRAINING_STAGES, Params
+from tasks.params import Params
 from tasks.training import StageError, cache_identity, reads_cache, stage_files
 
 
 def cached_stages(params: Params) -> list[str]:
-    return [name for name in TRAINING_STAGES if reads_cache(getattr(params, name))]
+    return [name for name, section in params.training_sections() if reads_cache(section)]
 
 
 def teacher_cache(params: Params, paths: StagePaths) -> dict:

@@ -1,8 +1,8 @@
 """Fresh copies of the pipeline, for experiments, benchmarks and tests.
 
 ``make_workspace(root, overrides)`` copies this checkout's pipeline (code,
-dvc.yaml, params, recipes, presets, infra) into ``root`` with ``overrides``
-merged into its params.yaml, and initialises git and DVC there, so ``dvc repro``
+params, recipes, presets, infra) into ``root`` with ``overrides``
+merged into its params.yaml and dvc.yaml rendered from them, and initialises git and DVC there, so ``dvc repro``
 in ``root`` runs the whole pipeline without touching this checkout's data,
 models, MLflow store or DVC cache.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.params import REPO, deep_merge
+from tasks.params import REPO, ParamsError, deep_merge, load_params
+from tasks.stages import dump, render
 
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows", "teachers")
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
@@ -41,7 +42,11 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         else:
             shutil.copy(source, root / name)
-    write_params(root, overrides)
+    params_file = write_params(root, overrides)
+    try:
+        (root / "dvc.yaml").write_text(dump(render(load_params(params_file), root)))  # the overrides' recipe decides the stages
+    except ParamsError:
+        pass  # invalid on purpose (a test of validation): every stage refuses it before any work
     env = {**dvc_env(), **_GIT_IDENTITY}
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "workspace"]):
         subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)

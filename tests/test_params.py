@@ -40,11 +40,48 @@ def test_llava_mod_recipe_is_the_default():
         assert f"#   {paper_value}" in recipe or f": {paper_value}" in recipe, f"the recipe must name the paper's value: {paper_value}"
 
 
-def test_llava_kd_recipe_sets_dpt_sft_dft(tmp_path):
+def test_llava_mod_stage_graph_upcycles_and_ends_with_preference():
+    mod = load_params(REPO / "params.yaml")
+    assert mod.stages == ["align", "mimic_dense", "upcycle", "mimic_sparse", "preference"]
+    assert mod.pipeline == ("curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "upcycle", "mimic_sparse", "preference", "evaluate", "register")
+    assert (mod.final_model, mod.registered_model) == ("pref", "pref")
+    assert mod.evaluated_models == ["teacher", "baseline", "dense", "moe", "pref"]
+
+
+def test_llava_kd_recipe_is_dpt_sft_dft_with_a_dense_student(tmp_path):
     kd = load_params(write_params(tmp_path, {"recipe": "llava-kd"}))
+    assert kd.pipeline == ("curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "dft", "evaluate", "register")
+    assert (kd.final_model, kd.registered_model) == ("dft", "dft")
+    assert kd.evaluated_models == ["teacher", "baseline", "dense", "dft"]
+    assert kd.align.modules == ["projector"]
     assert kd.align.loss.model_dump() == {"ce": 1.0, "kl_response": 1.0, "kl_visual": 1.0, "relation": 0.5, "dpo": 0.0, "router_aux": 0.0}
-    assert kd.mimic_dense.loss.model_dump()["kl_response"] == 0 and kd.mimic_dense.loss.ce == 1
-    assert kd.mimic_sparse.loss.relation == 0.5 and kd.mimic_sparse.loss.kl_visual == 1
+    assert kd.mimic_dense.loss.model_dump() == {"ce": 1.0, "kl_response": 0.0, "kl_visual": 0.0, "relation": 0.0, "dpo": 0.0, "router_aux": 0.0}
+    assert kd.dft.modules == ["projector", "llm"]
+    assert kd.dft.loss.model_dump() == {"ce": 1.0, "kl_response": 1.0, "kl_visual": 1.0, "relation": 0.5, "dpo": 0.0, "router_aux": 0.0}
+
+
+def test_the_schedule_ablation_is_a_stages_override(tmp_path):
+    sft = load_params(write_params(tmp_path, {"recipe": "llava-kd", "stages": ["align", "mimic_dense"]}))
+    assert sft.pipeline[-4:] == ("mimic_dense", "baseline", "evaluate", "register") and sft.final_model == "dense"
+
+
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        ({"stages": ["align", "mimic_sparse"]}, "stages[1]", "mimic_sparse starts from the student upcycle makes: list upcycle before it"),
+        ({"stages": ["align", "mimic_dense", "upcycle"]}, "stages", "upcycle trains nothing"),
+        ({"stages": ["mimic_dense"]}, "stages[0]", "must be align"),
+        ({"stages": ["align", "mimic_dense", "mimic_dense"]}, "stages[2]", "listed twice"),
+        ({"recipe": "llava-kd", "evaluate": {"models": ["teacher", "moe"]}}, "evaluate.models[1]", "no stage of this recipe makes 'moe'"),
+        ({"recipe": "llava-kd", "register": {"model": "pref"}}, "register.model", "final is 'dft'"),
+        ({"recipe": "llava-kd", "dft": {"modules": ["experts"]}}, "dft.modules", "exist only after upcycling"),
+        ({"recipe": "llava-kd", "dft": {"loss": {"router_aux": 0.01}}}, "dft.loss.router_aux", "dense at this stage"),
+    ],
+)
+def test_a_stage_graph_that_cannot_run_is_refused(tmp_path, overrides, key, message):
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, overrides))
+    assert any(p.key == key and message in p.message for p in info.value.problems), info.value
 
 
 def test_preset_overrides_params_file(tmp_path):
@@ -186,3 +223,37 @@ def test_a_cached_teacher_where_no_cache_can_serve_is_refused(tmp_path):
     assert "preference.teacher.mode: preference scores its reference once per pair already" in text
     assert "mimic_dense.teacher.mode: the cache holds response and image positions only" in text
     assert "mimic_dense.teacher.top_k: must be <= teacher_cache.top_k (32)" in text
+
+
+def test_the_committed_dvc_yaml_is_what_params_render():
+    from tasks.stages import out_of_date
+
+    assert out_of_date(load_params(REPO / "params.yaml"), REPO) is None, "run `python -m tasks.stages` and commit dvc.yaml"
+
+
+def test_rendered_stages_follow_the_recipe_and_list_their_code(tmp_path):
+    import yaml
+
+    from tasks.stages import dump, render
+
+    kd = render(load_params(write_params(tmp_path, {"recipe": "llava-kd"})))["stages"]
+    assert list(kd) == ["curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "dft", "evaluate", "register"]
+    assert "${paths.models}/student_dense" in kd["dft"]["deps"] and "${paths.models}/student_dft" in kd["dft"]["outs"]
+    assert "${paths.models}/student_dft" in kd["register"]["deps"] and "${paths.models}/student_moe" not in kd["evaluate"]["deps"]
+    # Imports are followed through lazy imports and the job launcher's module name.
+    assert {"tasks/training.py", "model/engine.py", "model/losses.py", "model/teacher_cache.py"} <= set(kd["dft"]["deps"])
+    assert "model/engine.py" not in kd["curate"]["deps"]
+    assert "dft" in kd["teacher_cache"]["params"]
+    assert yaml.safe_load(dump({"stages": kd})) == {"stages": kd}
+
+
+def test_a_stage_refuses_a_dvc_yaml_rendered_for_another_recipe(tmp_path):
+    import shutil
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # llava-mod's
+    path = write_params(tmp_path, {"recipe": "llava-kd"})
+    out = subprocess.run([sys.executable, "-m", "tasks.curate", "--params", str(path)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "dvc.yaml is out of date" in out.stderr and "recipe llava-kd runs" in out.stderr and "python -m tasks.stages" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "tasks.upcycle", "--params", str(path)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and "recipe llava-kd has no stage upcycle" in out.stderr, out.stderr

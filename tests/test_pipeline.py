@@ -213,3 +213,34 @@ def test_register_after_an_imported_teacher(project, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     review = (root / "reports/review.md").read_text()
     assert "| teacher | imported" in review
+
+
+def test_the_llava_kd_recipe_runs_its_own_stages_and_registers_a_dense_dft_student(project, tmp_path):
+    """`-p recipe=llava-kd` on a project that ran llava-mod: dvc.yaml follows the recipe, DFT's student is the final one."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from flows.pipeline import distill_pipeline
+
+    root = tmp_path / "kd"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns(".cache", ".mlflow"), symlinks=True)
+    result = distill_pipeline(workdir=str(root), recipe="llava-kd", overrides={"evaluate.models": ["teacher", "dft"]})
+    assert list(result) == ["curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "dft", "evaluate", "register"]
+    assert result["curate"]["skipped"] and result["teacher"]["skipped"]  # they do not depend on the recipe
+    assert not any(result[s]["skipped"] for s in ("align", "mimic_dense", "dft", "evaluate", "register"))
+    assert list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"]) == list(result)
+
+    dft = root / "models/student_dft"
+    model = AutoModelForImageTextToText.from_pretrained(dft, use_safetensors=True)
+    assert model.config.text_config.model_type == "qwen2"  # LLaVA-KD keeps the student dense
+    with safe_open(str(next(dft.glob("*.safetensors"))), "pt") as weights:
+        assert not any("experts" in key or "gate." in key for key in weights.keys())
+    scores = json.loads((root / "metrics/eval.json").read_text())["models"]
+    assert list(scores) == ["teacher", "dft"]
+    assert "${paths.models}/student_dft" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["register"]["deps"]
+    version = mlflow_client(root).get_model_version_by_alias("tinymod-student", "candidate")
+    assert (version.tags["tinymod.recipe"], version.tags["tinymod.model"]) == ("llava-kd", "dft")
+    shown = dvc(root, "metrics", "show")
+    assert "headline/dft.json" in shown.stdout and "headline/mimic_sparse.json" not in shown.stdout
