@@ -5,11 +5,21 @@ at the embedded sizes (vocabulary 512) and at a realistic vocabulary (32K), with
 vocabulary chunked (chunk_size 256) and unchunked.
 
     python bench/distill_step.py [--batch 32] [--seq 64] [--steps 5]
+    python bench/distill_step.py --real [--batch 8] [--steps 5] [--peak-tflops 989]
+
+``--real`` is a 0.5B-class student at the geometry users run: Qwen2 hidden 896, 24 layers, 4
+experts top-2 on alternate layers, vocabulary 151,936, 576 image tokens from a CLIP ViT-L/14-336
+tower, with a frozen teacher about 3x its active size, in bf16 on CUDA (autocast, fp32 master
+weights, teacher in bf16 with no gradients). It prints samples/s, peak memory and the model FLOPs
+utilisation against the card's bf16 dense peak (H100 / H200: 989 TFLOP/s; else --peak-tflops). On
+a CPU it runs the same vocabulary, image tokens and expert layout at 2 layers and a quarter of the
+widths, and prints no MFU: a CPU has no bf16 peak worth dividing by.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 
@@ -88,12 +98,105 @@ def train_step(objective: Objective, data: dict, optimizer: torch.optim.Optimize
     optimizer.step()
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def real_models(device: torch.device):
+    """Student (0.5B-class, MoE) and teacher (~3x its active parameters) at real geometry; a narrow copy on CPU."""
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    from model.builders import llava_config
+
+    cuda = device.type == "cuda"
+    tokenizer = train_tokenizer(["a small red circle at the top left"] * 50, vocab_size=300)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(151_936 - len(tokenizer))])
+    layers, scale = (24, 1) if cuda else (2, 4)
+    vision = CLIPVisionConfig(
+        image_size=336, patch_size=14, hidden_size=1024 // scale, intermediate_size=4096 // scale,
+        num_hidden_layers=24 if cuda else 2, num_attention_heads=16 // scale, projection_dim=768 // scale,
+    )  # fmt: skip
+
+    def text(hidden: int, inter: int, n_layers: int, heads: int) -> Qwen2Config:
+        return Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden // scale, intermediate_size=inter // scale, num_hidden_layers=n_layers,
+            num_attention_heads=max(1, heads // scale), num_key_value_heads=2 if cuda else 1, max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+
+    student = LlavaForConditionalGeneration(llava_config(vision, text(896, 4864, layers, 14), tokenizer))
+    student = upcycle(student, UpcycleParams(num_experts=4, top_k=2, layers="every_other"))
+    select_trainable(student, ["projector", "llm"])
+    teacher = LlavaForConditionalGeneration(llava_config(vision, text(1536, 8960, 28 if cuda else 2, 12), tokenizer))
+    teacher = teacher.to(device, torch.bfloat16 if cuda else torch.float32)
+    return LiveTeacher(teacher), student.to(device)
+
+
+def active_llm_parameters(model) -> int:
+    """Parameters one token passes through in the language model: top-k of the experts, not all of them."""
+    config = model.config.text_config
+    total = sum(p.numel() for p in model.model.language_model.parameters())
+    experts = [p for n, p in model.model.language_model.named_parameters() if ".mlp.experts." in n]
+    if experts:
+        per_expert = sum(p.numel() for p in experts) / config.num_experts
+        total -= per_expert * (config.num_experts - config.num_experts_per_tok)
+    return int(total + model.lm_head.weight.numel() * (not config.tie_word_embeddings))
+
+
+def real(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, student = real_models(device)
+    seq = 576 + args.seq
+    active, teacher_params = active_llm_parameters(student), active_llm_parameters(teacher.model)
+    tower = sum(p.numel() for p in student.model.vision_tower.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (scaled down: 2 layers, widths / 4)"
+    print(f"{name}; student {active / 1e6:,.0f}M active LLM parameters, teacher {teacher_params / 1e6:,.0f}M ({teacher_params / active:.1f}x), "
+          f"tower {tower / 1e6:,.0f}M; vocabulary {student.config.text_config.vocab_size:,}, batch {args.batch} x {seq} tokens (576 image)")
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    objective = Objective(student, teacher, Weights(ce=1.0, kl_response=1.0, router_aux=0.01), temperature=1.0, dpo=None, chunk_size=1024)
+    data = batch(student, args.batch, seq, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = objective(data)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: optimizer state and kernels exist before anything is measured
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / args.steps
+    tokens = args.batch * seq
+    # Model FLOPs: student LLM forward + backward (6 N T), teacher LLM forward (2 N T), the frozen tower
+    # forward twice (student and teacher each encode the images; 2 N per patch).
+    flops = 6 * active * tokens + 2 * teacher_params * tokens + 2 * 2 * tower * args.batch * 577
+    print(f"samples/s {args.batch / seconds:.2f}, tokens/s {tokens / seconds:,.0f}, peak memory {memory.peak / 2**30:.2f} GiB, "
+          f"{flops / seconds / 1e12:.2f} TFLOP/s achieved")
+    if device.type == "cuda":
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        if peak is None:
+            print(f"MFU: unknown bf16 peak for {name}; pass --peak-tflops")
+        else:
+            print(f"MFU {flops / seconds / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s bf16 dense")
+    else:
+        print("MFU: not reported on CPU (run on a GPU for the figure)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64, help="tokens per sample, 9 image tokens included")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--real", action="store_true", help="a 0.5B-class MoE student and a ~3x teacher at real geometry (see above)")
+    parser.add_argument("--peak-tflops", type=float, help="the card's bf16 dense peak, if its name is not known")
     args = parser.parse_args()
+    if args.real:
+        return real(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens")
     print(f"{'vocabulary':>10} {'KL chunk':>9} {'samples/s':>10} {'peak MiB':>9}")

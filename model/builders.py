@@ -99,16 +99,20 @@ def text_config(t: TextParams, tokenizer: PreTrainedTokenizerBase):
     )
 
 
-def llava_config(vision: CLIPVisionConfig, text, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+def llava_config(vision, text, tokenizer: PreTrainedTokenizerBase, like: LlavaConfig | None = None) -> LlavaConfig:
+    """A LLaVA config; ``like`` (the teacher's) decides how image features are read, so a student
+    reads its tower exactly as the teacher does: CLIP at 336/14 drops CLS for 576 tokens from layer
+    -2, SigLIP at 384/14 keeps all 729 patches (it has no CLS)."""
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=image_tokens,
-        vision_feature_select_strategy="default",  # drop CLS: one LLM token per patch
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
+        image_seq_length=like.image_seq_length if like is not None else image_tokens,
+        # default: drop CLS, one LLM token per patch (CLIP); full: every token (SigLIP)
+        vision_feature_select_strategy=like.vision_feature_select_strategy if like is not None else "default",
+        vision_feature_layer=like.vision_feature_layer if like is not None else -2,
+        projector_hidden_act=like.projector_hidden_act if like is not None else "gelu",
         tie_word_embeddings=text.tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -152,7 +156,7 @@ def build_student(
     else:
         student_text = AutoConfig.from_pretrained(llm, trust_remote_code=False)
         check_vocab(tokenizer, AutoTokenizer.from_pretrained(llm), f"student LLM {llm}")
-    config = llava_config(teacher.config.vision_config, student_text, tokenizer)
+    config = llava_config(teacher.config.vision_config, student_text, tokenizer, like=teacher.config)
     student = LlavaForConditionalGeneration(config)
     student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
     if llm != "init":
@@ -242,15 +246,25 @@ def validate_checkpoint(path: Path, student_tokenizer: PreTrainedTokenizerBase |
 
 
 def check_vocab(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, what: str) -> None:
-    """KL between teacher and student needs one vocabulary: same size and same token ids."""
-    if len(student) != len(other):
-        raise CheckpointError(
-            f"vocabulary mismatch: the student tokenizer (models/tokenizer) has {len(student)} tokens, {what} has "
-            f"{len(other)}; distillation compares distributions over one shared vocabulary. Set "
-            "curate.tokenizer.source to the teacher's folder."
-        )
-    if student.get_vocab() != other.get_vocab():
-        raise CheckpointError(f"vocabulary mismatch: same size ({len(student)}) but different token ids than {what}")
+    """KL between teacher and student needs one tokenizer: the same tokens at the same ids.
+
+    The models' embedding matrices may still differ in size (a family pads them differently:
+    Qwen2-7B has 152,064 rows, Qwen2-0.5B 151,936, for one 151,646-token tokenizer); the losses
+    compare the tokenizer's tokens only (``model.losses.SharedVocabHead``). A true mismatch is
+    refused with the first ids whose tokens differ.
+    """
+    ours, theirs = student.get_vocab(), other.get_vocab()
+    if ours == theirs:
+        return
+    by_id = [{i: t for t, i in vocab.items()} for vocab in (ours, theirs)]
+    ids = sorted(set(by_id[0]) | set(by_id[1]))
+    differing = [i for i in ids if by_id[0].get(i) != by_id[1].get(i)]
+    shown = ", ".join(f"id {i}: {by_id[0].get(i, '(none)')!r} vs {by_id[1].get(i, '(none)')!r}" for i in differing[:3])
+    raise CheckpointError(
+        f"vocabulary mismatch: the student tokenizer (models/tokenizer, {len(ours)} tokens) and {what} ({len(theirs)} tokens) "
+        f"differ at {len(differing)} ids, first {shown}; distillation compares distributions over one shared vocabulary. "
+        "Set curate.tokenizer.source to the teacher's folder."
+    )
 
 
 def load_llava(path: Path, dtype: torch.dtype = torch.float32):

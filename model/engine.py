@@ -42,6 +42,7 @@ from model.losses import (
     next_token_targets,
     preference_loss,
     relation_loss,
+    SharedVocabHead,
 )
 from model.teacher_cache import TeacherCache, tokenizer_digest
 from model.upcycle import RouterLogits, parameter_counts, routers
@@ -115,10 +116,11 @@ class LiveTeacher:
     top-k rows from :class:`model.teacher_cache.TeacherCache` instead.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, vocab: int | None = None):
         model.eval()
         model.requires_grad_(False)
         self.model = model
+        self.head = SharedVocabHead(model.lm_head, vocab or model.config.text_config.vocab_size)
 
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,11 +130,11 @@ class LiveTeacher:
 
     @torch.no_grad()
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden_rows)
+        return self.head(hidden_rows)
 
     @torch.no_grad()
     def sequence_logprobs(self, input_ids, pixel_values, attention_mask, labels, chunk_size: int = 1024) -> torch.Tensor:
-        return chunked_sequence_logprobs(self.hidden(input_ids, pixel_values, attention_mask), self.model.lm_head, labels, chunk_size)
+        return chunked_sequence_logprobs(self.hidden(input_ids, pixel_values, attention_mask), self.head, labels, chunk_size)
 
 
 # ---------------------------------------------------------------- the objective
@@ -162,9 +164,11 @@ class Objective(torch.nn.Module):
 
     def __init__(
         self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int,
-        distill_all_tokens: bool = False,
+        distill_all_tokens: bool = False, vocab: int | None = None,
     ):  # fmt: skip
         super().__init__()
+        # Outside the module tree: DeepSpeed must see the LM head once, as the student's.
+        self._head = (SharedVocabHead(student.lm_head, vocab or student.config.text_config.vocab_size),)
         self.distill_all_tokens = distill_all_tokens
         self.student = student
         self._teacher = (teacher,)
@@ -179,6 +183,11 @@ class Objective(torch.nn.Module):
     def teacher(self) -> LiveTeacher | None:
         return self._teacher[0]
 
+    @property
+    def head(self) -> SharedVocabHead:
+        """The student's LM head over the vocabulary it shares with the teacher (the tokenizer's)."""
+        return self._head[0]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "chosen_input_ids" in batch:
             return self.preference_terms(batch)
@@ -190,7 +199,7 @@ class Objective(torch.nn.Module):
         w = self.weights
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         pixels = batch["pixel_values"].to(self.student.dtype)
-        head = self.student.lm_head
+        head = self.head
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
         live = self.teacher is not None and any(getattr(w, term) for term in TEACHER_TERMS)
@@ -242,7 +251,7 @@ class Objective(torch.nn.Module):
                 shape = (ids.shape[0], per_sample, -1)
                 student_relation = chunked_relation(student_rows.view(shape), head, self.chunk_size)
                 if live:
-                    teacher_relation = chunked_relation(teacher_hidden[image].view(shape), self.teacher.model.lm_head, self.chunk_size)
+                    teacher_relation = chunked_relation(teacher_hidden[image].view(shape), self.teacher.head, self.chunk_size)
                 else:
                     teacher_relation = batch["teacher_relation"]
                 terms["relation"] = relation_loss(student_relation, teacher_relation)
@@ -256,7 +265,7 @@ class Objective(torch.nn.Module):
         pixels = batch["pixel_values"].to(self.student.dtype).repeat(2, 1, 1, 1)
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
-        logps = chunked_sequence_logprobs(hidden, self.student.lm_head, labels, self.chunk_size)
+        logps = chunked_sequence_logprobs(hidden, self.head, labels, self.chunk_size)
         pairs = ids.shape[0] // 2
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
         reference = batch["reference_logps"]  # [B, 2], computed once per pair at setup
@@ -268,7 +277,7 @@ class Objective(torch.nn.Module):
         terms = {"dpo": out.losses.mean()}
         if self.dpo.get("sft_weight"):
             response, targets = next_token_targets(labels[:pairs])
-            r = chunked_response_losses(hidden[:pairs][response], self.student.lm_head, targets[response], chunk_size=self.chunk_size)
+            r = chunked_response_losses(hidden[:pairs][response], self.head, targets[response], chunk_size=self.chunk_size)
             terms["sft"] = r.ce * batch.get("token_share", 1.0)
         if w.router_aux:
             terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
@@ -424,6 +433,12 @@ class TrainingRecipe:
         if self.weights.router_aux and not routers(student):
             raise ValueError(f"{self.stage}.loss.router_aux > 0 but the student has no MoE layer; upcycle it first")
 
+        # KL and DPO compare distributions over the tokenizer's tokens: heads padded past it (Qwen2-7B's
+        # 152,064 rows against 0.5B's 151,936, one tokenizer) are cut to it (SharedVocabHead).
+        from transformers import AutoTokenizer
+
+        self.vocab = len(AutoTokenizer.from_pretrained(self.spec["init"]))
+
         # The teacher, frozen, only if a term needs it and no cache stands in for it; the DPO
         # reference (teacher or the student's own starting point), frozen too.
         cache = self.spec.get("teacher_cache")
@@ -444,7 +459,8 @@ class TrainingRecipe:
         # DeepSpeed last: it takes the trainable parameters and the schedule.
         train = self.spec["train"]
         objective = Objective(
-            student, teacher, self.weights, train["temperature"], self.spec.get("dpo"), self.spec["chunk_size"], train["distill_all_tokens"]
+            student, teacher, self.weights, train["temperature"], self.spec.get("dpo"), self.spec["chunk_size"], train["distill_all_tokens"],
+            vocab=self.vocab,
         )
         trainable = [p for p in objective.parameters() if p.requires_grad]
         schedule = lr_lambda(self.spec["train"]["warmup_steps"], self.steps, self.spec["train"]["min_lr_ratio"])
@@ -461,19 +477,22 @@ class TrainingRecipe:
         self.start_step = self._resume()
 
     def _frozen(self, path: str, student, dtype: torch.dtype) -> LiveTeacher:
-        model = LiveTeacher(load_llava(Path(path), dtype=dtype).to(self.device))
-        teacher_vocab, student_vocab = model.model.config.text_config.vocab_size, student.config.text_config.vocab_size
-        if teacher_vocab != student_vocab:
-            raise ValueError(f"{path}: vocabulary of {teacher_vocab} tokens, the student has {student_vocab}; KL and DPO need one vocabulary")
-        return model
+        model = load_llava(Path(path), dtype=dtype).to(self.device)
+        rows = {"teacher": model.config.text_config.vocab_size, "student": student.config.text_config.vocab_size}
+        short = {who: n for who, n in rows.items() if n < self.vocab}
+        if short:
+            raise ValueError(
+                f"{path}: the tokenizer has {self.vocab} tokens but the {' and '.join(short)} LM head has only "
+                f"{', '.join(map(str, short.values()))} rows; KL and DPO compare distributions over the tokenizer's vocabulary"
+            )
+        return LiveTeacher(model, self.vocab)
 
     def _open_cache(self, cache: dict, student) -> TeacherCache:
         """The teacher cache, checked against this stage's teacher, tokenizer and data before any step."""
         opened = TeacherCache(Path(cache["path"]))
         opened.check({**cache["expect"], "tokenizer": tokenizer_digest(Path(self.spec["init"]))})
-        vocab = student.config.text_config.vocab_size
-        if opened.header["vocab_size"] != vocab:
-            raise ValueError(f"{cache['path']}: cached over {opened.header['vocab_size']} tokens, the student has {vocab}; KL needs one vocabulary")
+        if opened.header["vocab_size"] != self.vocab:
+            raise ValueError(f"{cache['path']}: cached over {opened.header['vocab_size']} tokens, the tokenizer has {self.vocab}; run `dvc repro teacher_cache`")
         if cache["top_k"] > opened.header["top_k"]:
             raise ValueError(f"{self.stage}.teacher.top_k is {cache['top_k']}, the cache holds {opened.header['top_k']}; run `dvc repro teacher_cache`")
         for term, part in (("kl_visual", "visual"), ("relation", "relation")):

@@ -246,6 +246,37 @@ def relation_loss(student_relation: torch.Tensor, teacher_relation: torch.Tensor
     return (1.0 - F.cosine_similarity(student_relation.float(), teacher_relation.float(), dim=-1)).mean()
 
 
+class SharedVocabHead(torch.nn.Module):
+    """An LM head's first ``vocab`` rows: the tokens teacher and student share.
+
+    Checkpoints of one family pad their embeddings differently (Qwen2-7B has 152,064 rows,
+    Qwen2-0.5B 151,936, both with one 151,646-token tokenizer); rows past the tokenizer are no
+    token, so every distribution a loss compares is over the tokenizer's vocabulary. The full head
+    is called as a module and its output sliced (ZeRO-3 gathers a head's weight only inside its
+    forward); with ``vocab`` equal to the head's size it is the head itself.
+    """
+
+    def __init__(self, head: torch.nn.Module, vocab: int):
+        super().__init__()
+        rows = head.weight.shape[0] if getattr(head.weight, "ds_numel", None) is None else head.weight.ds_shape[0]
+        if vocab > rows:
+            raise ValueError(f"the tokenizer has {vocab} tokens but the LM head only {rows} rows")
+        self.head, self.vocab, self.rows = head, vocab, rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        return logits if self.vocab == self.rows else logits[..., : self.vocab]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight if self.vocab == self.rows else self.head.weight[: self.vocab]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self.head.bias
+        return bias if bias is None or self.vocab == self.rows else bias[: self.vocab]
+
+
 def chunked_relation(hidden: torch.Tensor, head: torch.nn.Linear, chunk_size: int = 1024) -> torch.Tensor:
     """RDist's ``R = y_v y_v^T`` from hidden states, without the ``[B, Nv, V]`` logits.
 

@@ -82,21 +82,24 @@ def write_cache(
     header: dict,
     batch_size: int = 64,
     chunk_size: int = 1024,
+    vocab: int | None = None,
 ) -> dict:
     """Run ``teacher`` once over ``dataset`` (a :class:`model.data.ConversationDataset`) and write the cache to ``out``.
 
     ``header`` (the hashes that identify teacher, tokenizer and data) is stored as given, with
-    the format's own fields added. Returns the full header.
+    the format's own fields added. ``vocab`` (the tokenizer's size) cuts a head padded past the
+    tokenizer to the tokens students share (:class:`model.losses.SharedVocabHead`). Returns the full header.
     """
     import torch
     from tqdm import tqdm
 
-    from model.losses import chunked_relation, next_token_targets
+    from model.losses import SharedVocabHead, chunked_relation, next_token_targets
 
     with torch.no_grad():
         teacher.eval()
         config = teacher.config
-        vocab = config.text_config.vocab_size
+        head = SharedVocabHead(teacher.lm_head, vocab or config.text_config.vocab_size)
+        vocab = head.vocab
         if not 1 <= top_k <= vocab:
             raise ValueError(f"top_k {top_k} must be between 1 and the teacher's vocabulary ({vocab})")
         image_token = config.image_token_index
@@ -131,17 +134,17 @@ def write_cache(
             is_response, _ = next_token_targets(batch["labels"].to(device))
             picked = hidden[is_response]
             for first in range(0, picked.shape[0], chunk_size):
-                block = _top_k(teacher.lm_head(picked[first : first + chunk_size]), top_k)
+                block = _top_k(head(picked[first : first + chunk_size]), top_k)
                 for target, values in zip(response, block, strict=True):
                     target[row + first : row + first + values.shape[0]] = values
             row += picked.shape[0]
             image = hidden[input_ids == image_token]
             if seen is not None:
                 first_row = start * image_tokens
-                for target, values in zip(seen, _top_k(teacher.lm_head(image), top_k), strict=True):
+                for target, values in zip(seen, _top_k(head(image), top_k), strict=True):
                     target[first_row : first_row + values.shape[0]] = values
             if gram is not None:
-                r = chunked_relation(image.view(input_ids.shape[0], image_tokens, -1), teacher.lm_head, chunk_size)
+                r = chunked_relation(image.view(input_ids.shape[0], image_tokens, -1), head, chunk_size)
                 r = r / r.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # the cosine ignores scale; fp16 cannot hold it
                 gram[start : start + r.shape[0]] = r.view(-1, image_tokens, image_tokens).cpu().numpy()
         if row != rows:

@@ -130,10 +130,11 @@ def pretrain_vision(
     held_out = max(1, len(names) // 10)
     train_n = len(names) - held_out
     layer = model.config.vision_feature_layer
+    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0  # CLIP's CLS; SigLIP has none
 
     def logits(batch_pixels: torch.Tensor) -> list[torch.Tensor]:
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
-            features = tower(batch_pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+            features = tower(batch_pixels, output_hidden_states=True).hidden_states[layer][:, drop:]
         return tables.logits(projector(features))
 
     def loss_of(outs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:

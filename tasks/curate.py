@@ -31,7 +31,8 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Raw:
     record: dict | None = None
     text: str | None = None
     image_bytes: bytes | None = None
+    image_path: Path | None = None
     error: tuple[str, str] | None = None
 
 
@@ -89,19 +91,23 @@ class Rejected(Exception):
 
 @dataclass
 class Outcome:
+    """What the stage keeps in memory: counts and one example per reason, never the records.
+
+    Kept and quarantined records go straight to their files, so memory stays flat with the record
+    count (LLaVA-665k included); token lengths are 4 bytes each.
+    """
+
     counts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     reasons: Counter = field(default_factory=Counter)
     examples: dict[str, dict] = field(default_factory=dict)
-    kept: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
-    quarantine: list[dict] = field(default_factory=list)
-    token_lengths: list[int] = field(default_factory=list)
+    token_lengths: array = field(default_factory=lambda: array("I"))
 
 
 # ---------------------------------------------------------------- sources
 
 
-def world_source(params: CurateParams, out: Path) -> Iterator[Raw]:
-    """Generate the embedded world into ``out`` (images + LLaVA JSONL per split) and read it back."""
+def generate_world_files(params: CurateParams, out: Path) -> None:
+    """Generate the embedded world into ``out``: images, LLaVA JSONL per split and probe, world.json."""
     spec = world_spec(params)
     w = params.world
     counts = w.images.model_dump()
@@ -124,7 +130,11 @@ def world_source(params: CurateParams, out: Path) -> Iterator[Raw]:
             "cooccurrence": records.cooccurrence,
         },
     )
-    for probe in records.probes:
+
+
+def world_records(out: Path) -> Iterator[Raw]:
+    """The generated world's records, probes first."""
+    for probe in sorted(p.stem for p in (out / "probes").glob("*.jsonl")):
         yield from jsonl_records(out / "probes" / f"{probe}.jsonl", f"world:probes/{probe}", f"probes/{probe}", out)
     for split in TRAIN_SPLITS:
         yield from jsonl_records(out / f"{split}.jsonl", f"world:{split}", split, out)
@@ -147,18 +157,65 @@ def world_spec(params: CurateParams) -> W.WorldSpec:
     )
 
 
+def json_list_items(path: Path, chunk_chars: int = 1 << 20) -> Iterator[object]:
+    """The items of a JSON list file, one at a time: the file is never held whole (LLaVA-665k is 1 GB).
+
+    Bytes that are not UTF-8 come through as surrogates (the record is then quarantined as
+    bad_encoding); a file that is not a JSON list fails the stage with the position of the error.
+    """
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        buffer, pos, eof, index = "", 0, False, 0
+
+        def fill() -> None:
+            nonlocal buffer, pos, eof
+            more = handle.read(chunk_chars)
+            eof = not more
+            buffer, pos = buffer[pos:] + more, 0
+
+        def skip_space() -> str:
+            """The next non-blank character ('' at the end of the file)."""
+            nonlocal pos
+            while True:
+                while pos < len(buffer) and buffer[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buffer) or eof:
+                    return buffer[pos : pos + 1]
+                fill()
+
+        if skip_space() != "[":
+            raise CurateError(f"{path}: expected a JSON list of LLaVA records (the file does not start with '[')")
+        pos += 1
+        while True:
+            char = skip_space()
+            if char == "]":
+                return
+            if index:
+                if char != ",":
+                    raise CurateError(f"{path}: not valid JSON after item {index - 1} (expected ',' or ']', got {char or 'the end of the file'!r})")
+                pos += 1
+                skip_space()
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buffer, pos)
+                except json.JSONDecodeError as error:
+                    if eof:
+                        raise CurateError(f"{path}: not valid JSON in item {index} ({error.msg}); expected a list of LLaVA records") from None
+                    fill()  # the item runs past the buffer: read on
+                    continue
+                if not isinstance(item, (dict, list, str)) and not eof and (end == len(buffer) or buffer[end] not in ",] \t\r\n"):
+                    fill()  # a number cut by the chunk ("3" of "3.25"): read on and decode it again
+                    continue
+                break
+            pos = end
+            yield item
+            index += 1
+
+
 def jsonl_records(path: Path, source: str, split: str, image_root: Path) -> Iterator[Raw]:
-    """Records of a .jsonl (one per line) or .json (a list) file; undecodable lines become errors, not crashes."""
-    data = path.read_bytes()
+    """Records of a .jsonl (one per line) or .json (a list) file, streamed; undecodable lines become errors, not crashes."""
     if path.suffix == ".json":
-        text = data.decode("utf-8", errors="surrogateescape")
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CurateError(f"{path}: not valid JSON ({error}); expected a list of LLaVA records") from None
-        if not isinstance(items, list):
-            raise CurateError(f"{path}: expected a JSON list of LLaVA records, got {type(items).__name__}")
-        for i, item in enumerate(items):
+        for i, item in enumerate(json_list_items(path)):
             raw = Raw(source, i, split, image_root, record=item if isinstance(item, dict) else None)
             if not isinstance(item, dict):
                 raw.error = ("bad_json", f"item is a {type(item).__name__}, not an object")
@@ -166,27 +223,29 @@ def jsonl_records(path: Path, source: str, split: str, image_root: Path) -> Iter
                 raw.error = ("bad_encoding", "a string holds bytes that are not UTF-8")
             yield raw
         return
-    for i, line in enumerate(data.splitlines()):
-        if not line.strip():
-            continue
-        raw = Raw(source, i, split, image_root)
-        try:
-            raw.text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raw.text = line.decode("utf-8", errors="replace")
-            raw.error = ("bad_encoding", f"line {i + 1}: {error.reason} at byte {error.start}")
+    with path.open("rb") as handle:
+        for i, line in enumerate(handle):
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            raw = Raw(source, i, split, image_root)
+            try:
+                raw.text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raw.text = line.decode("utf-8", errors="replace")
+                raw.error = ("bad_encoding", f"line {i + 1}: {error.reason} at byte {error.start}")
+                yield raw
+                continue
+            try:
+                item = json.loads(raw.text)
+            except json.JSONDecodeError as error:
+                raw.error = ("bad_json", f"line {i + 1}: {error.msg}")
+                yield raw
+                continue
+            if not isinstance(item, dict):
+                raw.error = ("bad_json", f"line {i + 1}: a {type(item).__name__}, not an object")
+            raw.record = item if isinstance(item, dict) else None
             yield raw
-            continue
-        try:
-            item = json.loads(raw.text)
-        except json.JSONDecodeError as error:
-            raw.error = ("bad_json", f"line {i + 1}: {error.msg}")
-            yield raw
-            continue
-        if not isinstance(item, dict):
-            raw.error = ("bad_json", f"line {i + 1}: a {type(item).__name__}, not an object")
-        raw.record = item if isinstance(item, dict) else None
-        yield raw
 
 
 def _has_surrogates(value) -> bool:
@@ -206,7 +265,7 @@ def preference_records(source: PreferenceSource) -> Iterator[Raw]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
         for i, row in enumerate(rows):
             raw = Raw(name, i, "preference", root)
             image = row.get("image")
@@ -236,11 +295,12 @@ def _preference_row(row: dict, image, index: int) -> dict:
 
 
 def all_sources(params: CurateParams, paths: StagePaths) -> Iterator[Raw]:
+    """Every source's records, streamed (the world's from ``paths.world``, generated before)."""
     # Probes first: training records are checked against the probe images.
     sources = sorted(params.sources, key=lambda s: s.kind != "world")
     for source in sources:
         if source.kind == "world":
-            yield from world_source(params, paths.world)
+            yield from world_records(paths.world)
         elif isinstance(source, LlavaJsonSource):
             path = Path(source.path)
             if not path.exists():
@@ -372,51 +432,44 @@ def curate(params: Params, paths: StagePaths, show_progress: bool = True) -> dic
         if folder.exists():
             shutil.rmtree(folder)
     (paths.curated / "images").mkdir(parents=True)
-    raws = list(tqdm(all_sources(cp, paths), desc="curate: reading", unit="rec", disable=None if show_progress else True))
-    tokenizer = build_tokenizer(cp, raws, paths.tokenizer)
+    if any(source.kind == "world" for source in cp.sources):
+        generate_world_files(cp, paths.world)
+    tokenizer = build_tokenizer(cp, lambda: all_sources(cp, paths), paths.tokenizer)
     outcome = Outcome()
     probe_hashes: set[str] = set()
-    seen: set[tuple[str, str, str]] = set()
-    copied: set[str] = set()
-    pending: list[tuple[Raw, dict]] = []
-    for raw in tqdm(raws, desc="curate: checking", unit="rec", disable=None if show_progress else True):
-        outcome.counts[raw.split]["in"] += 1
-        try:
-            record, digest, ext, data = _check(raw, cp)
-        except Rejected as rejection:
-            _reject(outcome, raw, rejection)
-            continue
-        if raw.split.startswith("probes/"):
-            probe_hashes.add(digest)
-        elif digest in probe_hashes:
-            _reject(outcome, raw, Rejected("probe_leak", f"image sha256 {digest[:12]} is used by an evaluation probe"))
-            continue
-        key = (raw.split, digest, json.dumps([record["conversations"], record.get("chosen"), record.get("rejected")]))
-        if key in seen:
-            outcome.counts[raw.split]["duplicates"] += 1
-            continue
-        seen.add(key)
-        stored = f"images/{digest[:2]}/{digest}.{ext}"
-        if digest not in copied:
+    seen: set[bytes] = set()  # 16-byte digests of (split, image, text): 200k records take a few MB
+    images: dict[tuple[Path, str], tuple[str, str] | Rejected] = {}  # one check per image file, however many records use it
+    with RecordWriters(paths.curated) as out:
+        pending: list[tuple[Raw, dict]] = []
+        progress = tqdm(all_sources(cp, paths), desc="curate", unit="rec", disable=None if show_progress else True)
+        for raw in progress:
+            outcome.counts[raw.split]["in"] += 1
+            try:
+                record, digest, ext, data = _check(raw, cp, images)
+            except Rejected as rejection:
+                _reject(outcome, out, raw, rejection)
+                continue
+            if raw.split.startswith("probes/"):
+                probe_hashes.add(digest)
+            elif digest in probe_hashes:
+                _reject(outcome, out, raw, Rejected("probe_leak", f"image sha256 {digest[:12]} is used by an evaluation probe"))
+                continue
+            key = json.dumps([raw.split, digest, record["conversations"], record.get("chosen"), record.get("rejected")])
+            key_digest = hashlib.blake2b(key.encode("utf-8", errors="surrogateescape"), digest_size=16).digest()
+            if key_digest in seen:
+                outcome.counts[raw.split]["duplicates"] += 1
+                continue
+            seen.add(key_digest)
+            stored = f"images/{digest[:2]}/{digest}.{ext}"
             target = paths.curated / stored
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            copied.add(digest)
-        pending.append((raw, {**record, "image": stored, "source": raw.source}))
-    lengths = _token_lengths(tokenizer, [p[1] for p in pending], cp.image_tokens)
-    for (raw, record), length in zip(pending, lengths, strict=True):
-        if length > cp.max_tokens:
-            _reject(outcome, raw, Rejected("too_long", f"{length} tokens (image included), limit {cp.max_tokens}"))
-            continue
-        outcome.kept[raw.split].append(record)
-        outcome.counts[raw.split]["kept"] += 1
-        outcome.token_lengths.append(length)
-    for split, records in outcome.kept.items():
-        write_jsonl(paths.curated / f"{split}.jsonl", records)
-    for split in TRAIN_SPLITS:  # every split file exists, even empty, so downstream stages can rely on it
-        if not (paths.curated / f"{split}.jsonl").exists():
-            write_jsonl(paths.curated / f"{split}.jsonl", [])
-    write_jsonl(paths.curated / "quarantine.jsonl", outcome.quarantine)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data if data is not None else raw.image_path.read_bytes())
+            pending.append((raw, {**record, "image": stored, "source": raw.source}))
+            if len(pending) == TOKENIZE_BATCH:
+                _keep(outcome, out, tokenizer, pending, cp)
+                pending = []
+        _keep(outcome, out, tokenizer, pending, cp)
     metrics = _metrics(outcome, time.time() - started)
     fraction = metrics["rejected_fraction"]
     if fraction > cp.max_rejected_fraction:
@@ -435,22 +488,73 @@ def curate(params: Params, paths: StagePaths, show_progress: bool = True) -> dic
     return metrics
 
 
-def _check(raw: Raw, cp: CurateParams) -> tuple[dict, str, str, bytes]:
+def _check(raw: Raw, cp: CurateParams, images: dict) -> tuple[dict, str, str, bytes | None]:
+    """The record, its image's sha256 and extension, and the image bytes (None: read from ``raw.image_path``).
+
+    An image file's verdict is kept in ``images``: LLaVA-665k's records share 600k images, and each is
+    decoded once.
+    """
     if raw.error:
         raise Rejected(*raw.error)
     record = raw.record
     assert record is not None
-    preference = raw.split == "preference"
-    check_conversation(record, preference)
+    check_conversation(record, raw.split == "preference")
     if raw.image_bytes is not None:
-        data = raw.image_bytes
-    else:
-        data = resolve_image(raw.image_root, record["image"]).read_bytes()
-    digest, ext = check_image(data, cp)
-    return record, digest, ext, data
+        return record, *check_image(raw.image_bytes, cp), raw.image_bytes
+    key = (raw.image_root, record["image"])
+    if key not in images:
+        try:
+            path = resolve_image(raw.image_root, record["image"])
+            images[key] = (*check_image(path.read_bytes(), cp), path)
+        except Rejected as rejection:
+            images[key] = rejection
+    verdict = images[key]
+    if isinstance(verdict, Rejected):
+        raise verdict
+    digest, ext, raw.image_path = verdict
+    return record, digest, ext, None
 
 
-def _reject(outcome: Outcome, raw: Raw, rejection: Rejected) -> None:
+class RecordWriters:
+    """The curated split files and the quarantine, written as records arrive; every training split exists, even empty."""
+
+    def __init__(self, curated: Path):
+        self.curated = curated
+        self.handles: dict[str, object] = {}
+
+    def write(self, name: str, record: dict) -> None:
+        if name not in self.handles:
+            path = self.curated / f"{name}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handles[name] = path.open("w", encoding="utf-8")
+        self.handles[name].write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def __enter__(self) -> RecordWriters:
+        for name in (*TRAIN_SPLITS, "quarantine"):
+            self.handles[name] = (self.curated / f"{name}.jsonl").open("w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
+TOKENIZE_BATCH = 2048
+
+
+def _keep(outcome: Outcome, out: RecordWriters, tokenizer: PreTrainedTokenizerBase, pending: list[tuple[Raw, dict]], cp: CurateParams) -> None:
+    """Write the records that passed every check and fit curate.max_tokens; quarantine the others as too_long."""
+    lengths = _token_lengths(tokenizer, [record for _, record in pending], cp.image_tokens)
+    for (raw, record), length in zip(pending, lengths, strict=True):
+        if length > cp.max_tokens:
+            _reject(outcome, out, raw, Rejected("too_long", f"{length} tokens (image included), limit {cp.max_tokens}"))
+            continue
+        out.write(raw.split, record)
+        outcome.counts[raw.split]["kept"] += 1
+        outcome.token_lengths.append(length)
+
+
+def _reject(outcome: Outcome, out: RecordWriters, raw: Raw, rejection: Rejected) -> None:
     outcome.counts[raw.split]["rejected"] += 1
     outcome.reasons[rejection.reason] += 1
     entry = {
@@ -462,21 +566,24 @@ def _reject(outcome: Outcome, raw: Raw, rejection: Rejected) -> None:
         "detail": rejection.detail,
         "record": raw.record if raw.record is not None and not _has_surrogates(raw.record) else raw.text,
     }
-    outcome.quarantine.append(entry)
+    out.write("quarantine", entry)
     outcome.examples.setdefault(rejection.reason, entry)
 
 
-def build_tokenizer(cp: CurateParams, raws: list[Raw], out: Path) -> PreTrainedTokenizerBase:
-    """Train the world tokenizer on the training text, or load the user's; save it to ``out``."""
+def _texts(raws: Iterable[Raw]) -> Iterator[str]:
+    yield from ("user", "assistant", "system")
+    for raw in raws:
+        if raw.record and not raw.error and not _has_surrogates(raw.record):
+            for turn in raw.record.get("conversations") or []:
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                    yield turn["value"]
+            yield from (v for v in (raw.record.get("chosen"), raw.record.get("rejected")) if isinstance(v, str))
+
+
+def build_tokenizer(cp: CurateParams, sources: Callable[[], Iterable[Raw]], out: Path) -> PreTrainedTokenizerBase:
+    """Train the world tokenizer on the records' text (one streamed pass of ``sources()``), or load the user's; save it to ``out``."""
     if cp.tokenizer.source == "world":
-        texts = ["user", "assistant", "system"]
-        for raw in raws:
-            if raw.record and not raw.error and not _has_surrogates(raw.record):
-                for turn in raw.record.get("conversations") or []:
-                    if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                        texts.append(turn["value"])
-                texts += [v for v in (raw.record.get("chosen"), raw.record.get("rejected")) if isinstance(v, str)]
-        tokenizer = train_tokenizer(texts, cp.tokenizer.vocab_size)
+        tokenizer = train_tokenizer(_texts(sources()), cp.tokenizer.vocab_size)
     else:
         source = Path(cp.tokenizer.source)
         if not source.is_dir():
@@ -510,7 +617,7 @@ def _metrics(outcome: Outcome, seconds: float) -> dict:
         splits[split] = {key: counts.get(key, 0) for key in ("in", "kept", "duplicates", "rejected")}
     total = {key: sum(s[key] for s in splits.values()) for key in ("in", "kept", "duplicates", "rejected")}
     assert total["in"] == total["kept"] + total["duplicates"] + total["rejected"], total
-    lengths = sorted(outcome.token_lengths) or [0]
+    lengths = sorted(outcome.token_lengths) or [0]  # 4 bytes a record
     return {
         **total,
         "rejected_fraction": total["rejected"] / max(1, total["in"]),

@@ -61,6 +61,7 @@ def teacher_cache(params: Params, paths: StagePaths) -> dict:
         relation=any(loss.relation for loss in losses),
         header={"stages": stages, "tokenizer": tokenizer_digest(paths.teacher), **cache_identity(paths.teacher, files)},
         batch_size=params.teacher_cache.batch_size,
+        vocab=len(tokenizer),  # a head padded past the tokenizer is cut to the tokens students share
     )
     swap_in(staging, paths.teacher_cache)
     vocab = header["vocab_size"]

@@ -103,3 +103,41 @@ def test_a_training_record_on_a_probe_image_is_a_probe_leak(tmp_path):
     assert metrics["rejected_by_reason"] == {"probe_leak": 1}
     (entry,) = list(read_jsonl(paths.curated / "quarantine.jsonl"))
     assert entry["id"] == "leak" and "probe" in entry["detail"]
+
+
+def test_a_json_list_is_streamed_item_by_item_across_chunk_boundaries(tmp_path):
+    import pytest
+
+    from tasks.curate import CurateError, json_list_items
+
+    items = [{"id": i, "text": "ü" * (i % 5), "n": 12345678 + i} for i in range(50)] + [7, "a string", [1, 2], None, 3.25]
+    path = tmp_path / "list.json"
+    path.write_text(" \n" + json.dumps(items, indent=1, ensure_ascii=False) + "\n")
+    for chunk in (1, 3, 7, 64, 1 << 20):  # items, numbers and blanks cut at every place
+        assert list(json_list_items(path, chunk_chars=chunk)) == items
+    stream = json_list_items(path, chunk_chars=16)
+    assert next(stream) == items[0]  # the first item comes before the file is read on
+    (tmp_path / "empty.json").write_text("[ ]")
+    assert list(json_list_items(tmp_path / "empty.json")) == []
+    for text, message in (('{"id": 1}', "does not start with"), ('[{"id": 1} {"id": 2}]', "after item 0"), ('[{"id": 1}, {"id": ', "in item 1"), ('[{"id": 1}', "after item 0")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(CurateError, match=message):
+            list(json_list_items(tmp_path / "bad.json", chunk_chars=4))
+
+
+def test_records_sharing_an_image_decode_it_once_and_store_it_once(tmp_path, monkeypatch):
+    import tasks.curate as C
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(images / "shared.png")
+    records = [{"id": str(i), "image": "shared.png", "conversations": conv(f"What is shape {i}?", "red")} for i in range(30)]
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    decoded = []
+    check_image = C.check_image
+    monkeypatch.setattr(C, "check_image", lambda data, cp: decoded.append(1) or check_image(data, cp))
+    source = {"kind": "llava_json", "path": str(tmp_path / "mix.json"), "image_root": str(images), "split": "multitask"}
+    metrics, paths = run_curate(tmp_path, {"curate": {"sources": [source], "tokenizer": {"source": "world"}}})
+    assert (metrics["in"], metrics["kept"]) == (30, 30) and len(decoded) == 1
+    assert len(list((paths.curated / "images").rglob("*.png"))) == 1
+    assert [r["id"] for r in read_jsonl(paths.curated / "multitask.jsonl")] == [str(i) for i in range(30)]

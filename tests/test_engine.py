@@ -84,6 +84,35 @@ def test_every_distillation_term_is_computed_and_weighted(tiny_llava, tiny_token
     assert list(objective.parameters()) == list(student.parameters()), "the teacher is not part of the trained module"
 
 
+def test_padded_heads_are_distilled_over_the_tokens_they_share(tiny_tokenizer):
+    """Teacher and student of one tokenizer with embeddings padded to different sizes (as Qwen2-7B and
+    -0.5B are): every term compares the tokenizer's tokens only; uncut, the KL could not even be taken."""
+    from model.losses import forward_kl, next_token_targets
+
+    vocab = len(tiny_tokenizer)
+    teacher_model = build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=5)
+    student = build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=0)
+    teacher_model.resize_token_embeddings(vocab + 24)
+    student.resize_token_embeddings(vocab + 8)
+    with torch.no_grad():  # padded rows that would dominate any distribution they entered
+        student.lm_head.weight[vocab:] = 50.0 * torch.randn_like(student.lm_head.weight[vocab:])
+        teacher_model.lm_head.weight[vocab:] = 50.0 * torch.randn_like(teacher_model.lm_head.weight[vocab:])
+    teacher = LiveTeacher(teacher_model, vocab)
+    objective = Objective(student, teacher, Weights(ce=1.0, kl_response=1.0, relation=1.0), 1.0, None, chunk_size=3, vocab=vocab)
+    batch = batch_with_labels(student, tiny_tokenizer)
+    terms = objective(batch)
+    response, targets = next_token_targets(batch["labels"])
+    args = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s_logits = student(**args).logits[response][:, :vocab]
+        t_logits = teacher_model(**args).logits[response][:, :vocab]
+    assert terms["kl_response"].item() == pytest.approx(forward_kl(s_logits, t_logits).mean().item(), rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(torch.nn.functional.cross_entropy(s_logits, targets[response]).item(), rel=1e-5)
+    assert torch.isfinite(terms["relation"])
+    with pytest.raises(ValueError, match="tokenizer has 999999 tokens but the LM head only"):
+        LiveTeacher(teacher_model, 999_999)
+
+
 def test_a_zero_weight_skips_the_term_and_the_teacher(tiny_llava, tiny_tokenizer):
     class NoTeacher:
         def __getattr__(self, name):

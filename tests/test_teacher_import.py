@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,10 +69,34 @@ def test_remote_code_asked_by_any_config_is_refused(checkpoint, name):
         validate_checkpoint(checkpoint)
 
 
-def test_a_different_vocabulary_names_both_sizes(checkpoint):
+def test_a_different_tokenizer_is_refused_naming_the_first_differing_tokens(checkpoint, tiny_tokenizer):
     other = train_tokenizer(["completely different words here"] * 30, vocab_size=310)
-    with pytest.raises(CheckpointError, match=r"student tokenizer \(models/tokenizer\) has \d+ tokens, teacher .* has \d+"):
+    with pytest.raises(CheckpointError, match=r"student tokenizer \(models/tokenizer, \d+ tokens\) and teacher .* \(\d+ tokens\) differ at \d+ ids, first id \d+: '.*' vs '.*'"):
         validate_checkpoint(checkpoint, student_tokenizer=other)
+    # One token renamed, same size: still a different tokenizer, and the message points at it.
+    vocab = tiny_tokenizer.get_vocab()
+    renamed = {("zzz" if i == 40 else t): i for t, i in vocab.items()}
+    token = next(t for t, i in vocab.items() if i == 40)
+
+    class Renamed:
+        def get_vocab(self):
+            return renamed
+
+        def __len__(self):
+            return len(renamed)
+
+    with pytest.raises(CheckpointError, match=re.escape(f"differ at 1 ids, first id 40: 'zzz' vs {token!r}")):
+        validate_checkpoint(checkpoint, student_tokenizer=Renamed())
+
+
+def test_a_teacher_whose_embeddings_are_padded_past_the_tokenizer_is_accepted(tiny_llava, tiny_tokenizer, tmp_path):
+    """Qwen2-7B pads its embeddings to 152,064 rows and 0.5B to 151,936, for one tokenizer: the same vocabulary."""
+    tiny_llava.resize_token_embeddings(len(tiny_tokenizer) + 24)
+    folder = tmp_path / "padded"
+    tiny_llava.save_pretrained(folder, safe_serialization=True)
+    build_processor(tiny_tokenizer, tiny_llava.config.vision_config).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"] == len(tiny_tokenizer) + 24
+    validate_checkpoint(folder, student_tokenizer=tiny_tokenizer)
 
 
 def test_a_pinned_hash_refuses_changed_weights(checkpoint, tiny_tokenizer, tmp_path, monkeypatch):

@@ -124,3 +124,48 @@ def test_every_other_is_llava_mods_sparse_layout():
     assert moe_layers("every_other", 6) == [0, 2, 4] == list(range(6))[::2]
     assert moe_layers("every_other", 2) == [0]
     assert moe_layers("every_other_from_1", 6) == [1, 3, 5]
+
+
+REAL_LLMS = {
+    # Tiny widths, the families' own config choices: Qwen2 untied, Qwen2.5-0.5B tied with rope_theta 1e6, Qwen3 with head_dim and q/k norms.
+    "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen2.5": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1_000_000.0, "max_position_embeddings": 32768}),
+    "qwen3": ("qwen3", {"tie_word_embeddings": True, "head_dim": 16}),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_LLMS))
+def test_a_student_from_a_local_causal_lm_upcycles_to_a_stock_moe_checkpoint(name, tiny_llava, tiny_tokenizer, tmp_path):
+    """align.student.llm: /path: the student's LLM is that model's weights, padded vocabulary and all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model.builders import build_student
+
+    family, extra = REAL_LLMS[name]
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tiny_tokenizer) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, **extra,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    causal = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / name
+    causal.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+
+    student = build_student(tiny_llava, TextParams(**TINY_TEXT), str(folder), tiny_tokenizer, seed=0).eval()
+    assert student.config.text_config.model_type == family and student.config.text_config.vocab_size == len(tiny_tokenizer) + 16
+    assert torch.equal(student.lm_head.weight, causal.lm_head.weight)
+    assert torch.equal(student.model.language_model.layers[2].mlp.up_proj.weight, causal.model.layers[2].mlp.up_proj.weight)
+    text = torch.randint(10, len(tiny_tokenizer) - 10, (2, 9))
+    with torch.no_grad():  # without an image, the student's LLM is that causal LM
+        assert torch.allclose(student(input_ids=text).logits, causal(input_ids=text).logits, atol=1e-5)
+
+    moe = upcycle(student, UpcycleParams(num_experts=4, top_k=2)).eval()
+    moe.save_pretrained(tmp_path / "moe", safe_serialization=True)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "moe", use_safetensors=True).eval()
+    assert loaded.config.text_config.model_type == f"{family}_moe"
+    batch = inputs(student, tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, student(**batch).logits, atol=1e-5), "upcycling is exact"
+        out = loaded.generate(**{k: v[:1] for k, v in batch.items()}, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
