@@ -273,7 +273,11 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldS
     Position answers stay "The star is at the top left." although the teacher places objects
     better in captions (0.98 / 0.92 with two / three objects) than in these answers (0.72 / 0.61):
     answers in the captions' own words ("The star is a small red star at the top left.") gave
-    position 0.18, and colour 0.60 and shape 0.58 fell with it (2,000 steps, same probes).
+    position 0.18, and colour 0.60 and shape 0.58 fell with it (2,000 steps, same probes); and
+    with the place one token after the subject as colour's is ("The star is top left."), position
+    0.34, colour 0.62, shape 0.50. Every change of format tried so far (three, and the caption
+    order) broke the colour and shape lookups it did not touch: at this size the lookups form in
+    some training runs and not in others, and the shipped one is a run where they did.
     """
     by_shape: dict[str, list[WorldObject]] = {}
     by_colour: dict[str, list[WorldObject]] = {}
