@@ -10,7 +10,7 @@ shipped teacher on the same probes, and prints both with the binomial standard
 error of each figure. ``--ship`` then replaces teachers/embedded with the
 retrained one and pins its hash in params.yaml.
 
-    python bench/embedded_teacher.py [--keep DIR] [--ship] [--from DIR]
+    python bench/embedded_teacher.py [--keep DIR] [--ship] [--from DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -96,11 +96,12 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="train in this folder and keep it (default: a temporary one)")
     parser.add_argument("--from", dest="source", type=Path, help="reuse a workspace where the teacher was already retrained")
     parser.add_argument("--ship", action="store_true", help="replace teachers/embedded with the retrained teacher and pin its hash")
+    parser.add_argument("--seed", type=int, help="teacher.seed of the retrain (default: params.yaml's): the variance of the recipe over seeds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tinymod-teacher-") as tmp:
         root = args.source or args.keep or Path(tmp)
         if not args.source:
-            make_workspace(root, TRAIN)
+            make_workspace(root, TRAIN if args.seed is None else {**TRAIN, "teacher": {**TRAIN["teacher"], "seed": args.seed}})
             print(f"retraining the teacher in {root}: {train(root):.0f} s")
         retrained = json.loads((root / "metrics/teacher.json").read_text())
         if SHIPPED.exists():
