@@ -47,6 +47,7 @@ class StagePaths:
 
     def __init__(self, params: Params, root: Path | str = "."):
         root = Path(root)
+        self.root = root
         p = params.paths
         self.data = root / p.data
         self.world = self.data / "world"

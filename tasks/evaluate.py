@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from tasks import tracking
 from tasks.common import StageFailure, StagePaths, run_stage, write_json
@@ -61,12 +64,16 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
     _check_inputs(params, paths)
     tracking.client(params)  # a dead tracking server fails now, not after the evaluation
     os.environ["TINYMOD_CURATED"] = str(paths.curated)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(not t.startswith("tinymod_") for t in e.tasks))
+    stock = any(not t.startswith("tinymod_") for t in e.tasks)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=stock)
     unknown = [t for t in e.tasks if t not in manager.all_tasks]
     if unknown:
         raise EvaluationError(f"evaluate.tasks: unknown lmms-eval tasks {unknown}; tinymod ships {sorted(t for t in manager.all_tasks if t.startswith('tinymod_'))}")
+    runs = local_copies(e.local_data, manager, paths.root / ".cache" / "lmms_local_tasks")
+    if runs:
+        manager = TaskManager(include_path=[str(TASKS_DIR), str(paths.root / ".cache" / "lmms_local_tasks")], include_defaults=stock)
     started = time.time()
-    models = {name: score_checkpoint(paths.models / CHECKPOINTS[name], list(e.tasks), manager, params) for name in params.evaluated_models}
+    models = {name: score_checkpoint(paths.models / CHECKPOINTS[name], list(e.tasks), manager, params, runs) for name in params.evaluated_models}
     metrics = {"models": models, "tasks": list(e.tasks), "limit": e.limit, "seconds": round(time.time() - started, 1)}
     write_json(paths.metrics / "eval.json", metrics)
     report = write_report(metrics, paths)
@@ -76,7 +83,32 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
     return metrics
 
 
+def local_copies(local_data: dict[str, str], manager, folder: Path) -> dict[str, str]:
+    """Task -> the name of a copy of that stock lmms-eval task reading its dataset from ``local_data``.
+
+    The copy includes the stock YAML (its prompts, parsing and metrics unchanged) and replaces only
+    ``dataset_path`` (a hub id) with the local folder. Stock tasks win name clashes in lmms-eval's
+    index, so the copy has its own name; results are reported under the task's.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    if not local_data:
+        return {}
+    folder.mkdir(parents=True)
+    runs = {}
+    for task, data in local_data.items():
+        stock_yaml = Path(manager.task_index[task]["yaml_path"]).resolve()
+        name = f"tinymod_local_{task}"
+        config = {"include": str(stock_yaml), "task": name, "dataset_path": str(Path(data).resolve()), "dataset_kwargs": {}}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        runs[task] = name
+    return runs
+
+
 def _check_inputs(params: Params, paths: StagePaths) -> None:
+    for task, data in params.evaluate.local_data.items():
+        if not Path(data).exists():
+            raise EvaluationError(f"evaluate.local_data.{task}: {data} does not exist; give a local copy of the task's dataset (its parquet files)")
     missing = [name for name in params.evaluated_models if not (paths.models / CHECKPOINTS[name] / "config.json").exists()]
     if missing:
         raise EvaluationError(f"evaluate.models: no checkpoint for {missing} under {paths.models}; run the stages that make them (dvc repro)")
@@ -89,19 +121,22 @@ def _check_inputs(params: Params, paths: StagePaths) -> None:
             )
 
 
-def score_checkpoint(checkpoint: Path, tasks: list[str], manager, params: Params) -> dict:
-    """lmms-eval scores of one checkpoint: ``{"tasks": {task: {metric: value}}, "parameters", "decode_tokens_per_second"}``."""
+def score_checkpoint(checkpoint: Path, tasks: list[str], manager, params: Params, runs: dict[str, str] | None = None) -> dict:
+    """lmms-eval scores of one checkpoint: ``{"tasks": {task: {metric: value}}, "parameters", "decode_tokens_per_second"}``.
+
+    ``runs`` names the task actually run for a task (a local-data copy, see :func:`local_copies`)."""
     from lmms_eval.evaluator import simple_evaluate
 
     from model.lmms_model import TinymodLlava
     from model.upcycle import parameter_counts
 
     e = params.evaluate
+    runs = runs or {}
     print(f"evaluate: {checkpoint}", flush=True)
     lm = TinymodLlava(pretrained=str(checkpoint), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
     try:
         results = simple_evaluate(
-            model=lm, tasks=tasks, limit=e.limit, task_manager=manager, log_samples=False, verbosity="WARNING", bootstrap_iters=0
+            model=lm, tasks=[runs.get(t, t) for t in tasks], limit=e.limit, task_manager=manager, log_samples=False, verbosity="WARNING", bootstrap_iters=0
         )
     except Exception as error:  # lmms-eval raises many kinds; each one means no score
         raise EvaluationError(f"lmms-eval failed on {checkpoint}: {type(error).__name__}: {error}") from error
@@ -109,7 +144,7 @@ def score_checkpoint(checkpoint: Path, tasks: list[str], manager, params: Params
         raise EvaluationError(f"lmms-eval returned no results for {checkpoint}")
     scores: dict[str, dict[str, float]] = {}
     for task in tasks:
-        raw = results["results"].get(task)
+        raw = results["results"].get(runs.get(task, task))
         if raw is None:
             raise EvaluationError(f"lmms-eval returned no scores for task {task} on {checkpoint}")
         scores[task] = {

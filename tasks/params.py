@@ -412,6 +412,9 @@ class EvaluateParams(Section):
     """lmms-eval task names: the embedded probes (tinymod_*) or any lmms-eval task (pope, mme, gqa, ...) whose data is reachable."""
     models: list[ModelName] | None = None
     """Checkpoints to score; None: the teacher, the baseline and every trained student the recipe's stages make (`align` too on request: the aligned student, before it learns to answer)."""
+    local_data: dict[str, str] = Field(default_factory=dict)
+    """Local copies of stock lmms-eval tasks' datasets, task -> folder (e.g. {pope: /data/POPE}): the hub's files
+    (parquet under the task's split name, as `datasets.load_dataset` reads them) stand in for its `dataset_path`."""
     batch_size: int = Field(32, ge=1)
     """Requests per generate call."""
     limit: int | None = Field(None, ge=1)
@@ -815,6 +818,11 @@ def _graph_problems(p: Params) -> list[Problem]:
         problems.append(Problem("stages", f"the last stage makes the final student, and {p.stages[-1]} trains nothing: end with a training stage"))
     if p.stages and p.stages[0] != "align":
         problems.append(Problem("stages[0]", "the first student stage must be align: it builds the student"))
+    for task in p.evaluate.local_data:
+        if task not in p.evaluate.tasks:
+            problems.append(Problem(f"evaluate.local_data.{task}", f"not one of evaluate.tasks ({', '.join(p.evaluate.tasks)})"))
+        elif task.startswith("tinymod_"):
+            problems.append(Problem(f"evaluate.local_data.{task}", "tinymod's tasks read the curated probes; local_data is for stock lmms-eval tasks"))
     for i, model in enumerate(p.evaluate.models or []):
         if model not in made:
             problems.append(Problem(f"evaluate.models[{i}]", f"no stage of this recipe makes {model!r} (stages: {', '.join(p.stages)})"))

@@ -244,3 +244,4 @@ def test_the_llava_kd_recipe_runs_its_own_stages_and_registers_a_dense_dft_stude
     assert (version.tags["tinymod.recipe"], version.tags["tinymod.model"]) == ("llava-kd", "dft")
     shown = dvc(root, "metrics", "show")
     assert "headline/dft.json" in shown.stdout and "headline/mimic_sparse.json" not in shown.stdout
+
