@@ -311,7 +311,7 @@ def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return ids, mask, labels
 
 
-# ---------------------------------------------------------------- data order
+# ---------------------------------------------------------------- data order, token shares and schedule
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -329,34 +329,6 @@ def token_shares(counts: list[int], step_tokens: float, world: int) -> list[floa
     they add up to one mean over every token of the step, for any micro-batch size and rank count.
     """
     return [count * len(counts) * world / max(step_tokens, 1.0) for count in counts]
-
-
-def run_rates(trained_steps: int, batch_size: int, tokens: int, seconds: float, history: Path) -> dict[str, float]:
-    """Samples and tokens per second of the steps this attempt trained.
-
-    An attempt resumed after the last checkpoint trains none: the attempt that trained the steps
-    measured them, in the history's last row (the final step always logs).
-    """
-    if not trained_steps:
-        last = json.loads(history.read_text().splitlines()[-1])
-        return {name: round(last[name], 2) for name in ("samples_per_second", "tokens_per_second")}
-    return {
-        "samples_per_second": round(trained_steps * batch_size / max(seconds, 1e-9), 2),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-    }
-
-
-def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
-    """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays).
-
-    The total (``loss``) is checked last: a bad term makes it bad too, and the term is the news.
-    """
-    for name, value in sorted(terms.items(), key=lambda item: item[0] == "loss"):
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"step {step}: loss term {name!r} is {float(value)}; stopping before the step is applied "
-                "(checkpoints up to then are kept). Lower the learning rate or this term's weight and re-run the stage."
-            )
 
 
 def global_batch(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
@@ -386,6 +358,37 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+# ---------------------------------------------------------------- step checks and throughput
+
+
+def run_rates(trained_steps: int, batch_size: int, tokens: int, seconds: float, history: Path) -> dict[str, float]:
+    """Samples and tokens per second of the steps this attempt trained.
+
+    An attempt resumed after the last checkpoint trains none: the attempt that trained the steps
+    measured them, in the history's last row (the final step always logs).
+    """
+    if not trained_steps:
+        last = json.loads(history.read_text().splitlines()[-1])
+        return {name: round(last[name], 2) for name in ("samples_per_second", "tokens_per_second")}
+    return {
+        "samples_per_second": round(trained_steps * batch_size / max(seconds, 1e-9), 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+    }
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop on a NaN or inf loss term, naming the step and the term (the last good checkpoint stays).
+
+    The total (``loss``) is checked last: a bad term makes it bad too, and the term is the news.
+    """
+    for name, value in sorted(terms.items(), key=lambda item: item[0] == "loss"):
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"step {step}: loss term {name!r} is {float(value)}; stopping before the step is applied "
+                "(checkpoints up to then are kept). Lower the learning rate or this term's weight and re-run the stage."
+            )
 
 
 # ---------------------------------------------------------------- the recipe
