@@ -70,13 +70,15 @@ def test_the_llava_mod_chain_runs_on_a_real_geometry_teacher(tower, tiny_tokeniz
     preset = yaml.safe_load((REPO / "presets/ci.yaml").read_text())
     del preset["teacher"]["source"], preset["curate"]["tokenizer"]
     preset["curate"].update(image_tokens=tokens, max_tokens=tokens + 256)
+    preset["evaluate"]["limit"] = 4
     root = make_workspace(
         tmp_path / "project",
         {
             "preset": "ci",
             "teacher": {"source": str(teacher), "sha256": None},
             "curate": {"tokenizer": {"source": str(teacher)}},
-            "evaluate": {"models": ["teacher", "pref"]},  # the chain's last student; evaluate's deps decide what runs
+            # the chain's last student (evaluate's deps decide what runs), on a POPE split and VQA
+            "evaluate": {"models": ["teacher", "pref"], "tasks": ["tinymod_pope_adversarial", "tinymod_vqa"]},
         },
     )
     (root / "presets/ci.yaml").write_text(yaml.safe_dump(preset))
