@@ -9,7 +9,7 @@ vocabulary chunked (chunk_size 256) and unchunked.
 
 ``--real`` is a 0.5B-class student at the geometry users run: Qwen2 hidden 896, 24 layers, 4
 experts top-2 on alternate layers, vocabulary 151,936, 576 image tokens from a CLIP ViT-L/14-336
-tower, with a frozen teacher about 3x its active size, in bf16 on CUDA (autocast, fp32 master
+tower, with a frozen teacher about 3x its active size (Qwen2-1.5B widths, 36 layers), in bf16 on CUDA (autocast, fp32 master
 weights, teacher in bf16 with no gradients). It prints samples/s, peak memory and the model FLOPs
 utilisation against the card's bf16 dense peak (H100 / H200: 989 TFLOP/s; else --peak-tflops). On
 a CPU it runs the same vocabulary, image tokens and expert layout at 2 layers and a quarter of the
@@ -126,7 +126,8 @@ def real_models(device: torch.device):
     student = LlavaForConditionalGeneration(llava_config(vision, text(896, 4864, layers, 14), tokenizer))
     student = upcycle(student, UpcycleParams(num_experts=4, top_k=2, layers="every_other"))
     select_trainable(student, ["projector", "llm"])
-    teacher = LlavaForConditionalGeneration(llava_config(vision, text(1536, 8960, 28 if cuda else 2, 12), tokenizer))
+    # Qwen2-1.5B widths at 36 layers: ~1.9B, about 3x the student's ~0.65B active (0.49B dense + the second expert of 12 layers)
+    teacher = LlavaForConditionalGeneration(llava_config(vision, text(1536, 8960, 36 if cuda else 2, 12), tokenizer))
     teacher = teacher.to(device, torch.bfloat16 if cuda else torch.float32)
     return LiveTeacher(teacher), student.to(device)
 
