@@ -226,7 +226,9 @@ def test_the_llava_kd_recipe_runs_its_own_stages_and_registers_a_dense_dft_stude
 
     root = tmp_path / "kd"
     shutil.copytree(project, root, ignore=shutil.ignore_patterns(".cache", ".mlflow"), symlinks=True)
-    result = distill_pipeline(workdir=str(root), recipe="llava-kd", overrides={"evaluate.models": ["teacher", "dft"]})
+    # The approval test before this one leaves register.require_approval set in the project.
+    overrides = {"evaluate.models": ["teacher", "dft"], "register.require_approval": False}
+    result = distill_pipeline(workdir=str(root), recipe="llava-kd", overrides=overrides)
     assert list(result) == ["curate", "teacher", "teacher_cache", "align", "mimic_dense", "baseline", "dft", "evaluate", "register"]
     assert result["curate"]["skipped"] and result["teacher"]["skipped"]  # they do not depend on the recipe
     assert not any(result[s]["skipped"] for s in ("align", "mimic_dense", "dft", "evaluate", "register"))
