@@ -10,7 +10,7 @@ shipped teacher on the same probes, and prints both with the binomial standard
 error of each figure. ``--ship`` then replaces teachers/embedded with the
 retrained one and pins its hash in params.yaml.
 
-    python bench/embedded_teacher.py [--keep DIR] [--ship] [--from DIR] [--seed N]
+    python bench/embedded_teacher.py [--keep DIR] [--ship] [--from DIR] [--seed N] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.params import REPO
+import yaml
+
+from tasks.params import REPO, deep_merge
 from tasks.teacher import HISTORY, weights_sha256
 from tasks.workspace import dvc_env, make_workspace
 
@@ -42,6 +44,17 @@ FIGURES = [
     ("CHAIR-i", ("caption", "chair_i"), None),
     ("object recall", ("caption", "recall"), None),
 ]
+
+
+def dotted_override(change: str) -> dict:
+    """``teacher.text.heads=8`` as ``{"teacher": {"text": {"heads": 8}}}``."""
+    key, sep, value = change.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {change!r}: expected KEY=VALUE, e.g. teacher.text.heads=8")
+    override: dict = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        override = {part: override}
+    return override
 
 
 def train(root: Path) -> float:
@@ -97,11 +110,16 @@ def main() -> None:
     parser.add_argument("--from", dest="source", type=Path, help="reuse a workspace where the teacher was already retrained")
     parser.add_argument("--ship", action="store_true", help="replace teachers/embedded with the retrained teacher and pin its hash")
     parser.add_argument("--seed", type=int, help="teacher.seed of the retrain (default: params.yaml's): the variance of the recipe over seeds")
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params change to try, dotted key and YAML value (teacher.text.heads=8); repeatable")
     args = parser.parse_args()
+    overrides = deep_merge(TRAIN, {"teacher": {"seed": args.seed}} if args.seed is not None else {})
+    for change in args.changes:
+        overrides = deep_merge(overrides, dotted_override(change))
     with tempfile.TemporaryDirectory(prefix="tinymod-teacher-") as tmp:
         root = args.source or args.keep or Path(tmp)
         if not args.source:
-            make_workspace(root, TRAIN if args.seed is None else {**TRAIN, "teacher": {**TRAIN["teacher"], "seed": args.seed}})
+            make_workspace(root, overrides)
             print(f"retraining the teacher in {root}: {train(root):.0f} s")
         retrained = json.loads((root / "metrics/teacher.json").read_text())
         if SHIPPED.exists():
