@@ -24,7 +24,6 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model import world as W
-from tasks.curate import world_spec
 from tasks.evaluate import CHECKPOINTS
 from tasks.params import load_params
 
@@ -116,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params)
-    spec = world_spec(params.curate)
+    spec = params.curate.world
     w = params.curate.world
     fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": args.images}, args.seed, w.qa_per_image, w.pope_per_image)
     images = {name: W.render(scene, spec) for name, scene in fresh.images.items()}

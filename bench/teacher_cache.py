@@ -22,6 +22,7 @@ Needs the pipeline's models/teacher, models/student_dense and data/curated (``dv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +32,14 @@ from distill_step import PeakMemory
 from transformers import AutoProcessor, AutoTokenizer
 
 from model.builders import load_llava
-from model.data import Collator, ConversationDataset, stage_records
-from model.engine import LiveTeacher, Objective, Weights
+from model.config import LossWeights, TrainingParams
+from model.data import Collator, ConversationDataset, DistillBatch, stage_records
+from model.engine import LiveTeacher, Objective, loss_terms
 from model.losses import (
+    ResponseKL,
     TopK,
     chunked_relation,
-    chunked_response_losses,
+    chunked_row_means,
     forward_kl,
     next_token_targets,
     relation_loss,
@@ -102,24 +105,24 @@ def synthetic_fidelity(vocab: int = 32_768, rows: int = 2048) -> None:
     report_fidelity(student, teacher, rows_at)
 
 
-def fidelity(student, teacher, batches: list[dict], cache: TeacherCache, rows: list) -> None:
+def fidelity(student, teacher, batches: list[DistillBatch], cache: TeacherCache, rows: list) -> None:
     print("\nfidelity on mimic_dense's records: KL(teacher || student) at response positions, the mimic_dense student")
     logits_all, teacher_all = [], []
     with torch.no_grad():
         for batch in batches:
-            response, _ = next_token_targets(batch["labels"])
-            s = student(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits[response]
-            t = teacher(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits[response]
+            response, _ = next_token_targets(batch.labels)
+            s = student(**batch.model_inputs()).logits[response]
+            t = teacher(**batch.model_inputs()).logits[response]
             logits_all.append(s)
             teacher_all.append(t)
     report_fidelity(torch.cat(logits_all), torch.cat(teacher_all), lambda k: cache.response_rows(torch.cat(rows).numpy(), k))
 
 
-def speed(student, teacher, batches: list[dict], cached_batches: list[dict], steps: int, build_seconds: float, records: int) -> None:
-    weights = Weights(ce=1.0, kl_response=1.0)
-    live = Objective(student, LiveTeacher(teacher), weights, 1.0, None, chunk_size=1024)
-    read = Objective(student, None, weights, 1.0, None, chunk_size=1024)
-    alone = Objective(student, None, Weights(ce=1.0), 1.0, None, chunk_size=1024)
+def speed(student, teacher, batches: list[DistillBatch], cached_batches: list[DistillBatch], steps: int, build_seconds: float, records: int) -> None:
+    kd = loss_terms(TrainingParams(loss=LossWeights(ce=1.0, kl_response=1.0)), None, top_k=0)
+    live = Objective(student, LiveTeacher(teacher), kd)
+    read = Objective(student, None, kd)
+    alone = Objective(student, None, loss_terms(TrainingParams(loss=LossWeights(ce=1.0)), None, top_k=0))
     times = {}
     runs = (("live", live, batches), ("cached", read, cached_batches), ("no teacher", alone, batches), ("live again", live, batches), ("cached again", read, cached_batches))
     for name, objective, data in runs:
@@ -160,7 +163,7 @@ def loss_memory(batch: int = 8, tokens: int = 576, vocab: int = 32_768, hidden: 
 
     def chunked():
         rows, trows = h.reshape(-1, hidden), th.reshape(-1, hidden)
-        kl = chunked_response_losses(rows, head, torch.zeros(rows.shape[0], dtype=torch.long), teacher_head, trows, chunk_size=chunk, ce=False).kl
+        (kl,) = chunked_row_means(rows, head, [(ResponseKL(), lambda part: teacher_head(trows[part]))], chunk)
         with torch.no_grad():
             r_t = chunked_relation(th, teacher_head, chunk)
         rel = relation_loss(chunked_relation(h, head, chunk), r_t)
@@ -206,7 +209,7 @@ def main() -> None:
         chunks = [list(range(i, min(i + args.batch, len(dataset)))) for i in range(0, len(dataset), args.batch)]
         batches = [collate([dataset[i] for i in chunk]) for chunk in chunks]
         rows = [where[chunk] for chunk in chunks]
-        cached = [{**b, "teacher_response": cache.response_rows(r.numpy(), section.teacher.top_k)} for b, r in zip(batches, rows, strict=True)]
+        cached = [dataclasses.replace(b, teacher_response=cache.response_rows(r.numpy(), section.teacher.top_k)) for b, r in zip(batches, rows, strict=True)]
         fidelity(student, teacher, batches, cache, rows)
         speed(student, teacher, batches, cached, args.steps, build, len(dataset))
     for chunk in (1024, 256):

@@ -13,7 +13,7 @@ Vicuna, ...), not only the embedded one.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from model.jsonl import read_jsonl
+from model.losses import TopK
 from model.tokenizer import IMAGE_TOKEN
 
 IGNORE = -100
@@ -132,7 +133,10 @@ class ConversationDataset(Dataset):
         self.image_processor = image_processor
         self.cache: dict[str, torch.Tensor] = {}
         self.cache_images = cache_images
-        self.encoded = [encode_conversation(tokenizer, r["conversations"], image_tokens) for r in records]
+        self.encoded = [self.encode(tokenizer, r, image_tokens) for r in records]
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, record: dict, image_tokens: int):
+        return encode_conversation(tokenizer, record["conversations"], image_tokens)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -155,28 +159,92 @@ class ConversationDataset(Dataset):
 class PreferenceDataset(ConversationDataset):
     """Preference pairs: the prompt with the chosen and with the rejected answer."""
 
-    def __init__(self, records: list[dict], image_root: Path, tokenizer: PreTrainedTokenizerBase, image_processor, image_tokens: int):
-        self.records = records
-        self.image_root = image_root
-        self.image_processor = image_processor
-        self.cache = {}
-        self.cache_images = 50_000
-        self.encoded = []
-        for r in records:
-            prompt = r["conversations"]
-            chosen = encode_conversation(tokenizer, prompt + [{"from": "gpt", "value": r["chosen"]}], image_tokens)
-            rejected = encode_conversation(tokenizer, prompt + [{"from": "gpt", "value": r["rejected"]}], image_tokens)
-            self.encoded.append((chosen, rejected))
+    def encode(self, tokenizer: PreTrainedTokenizerBase, record: dict, image_tokens: int):
+        prompt = record["conversations"]
+        chosen = encode_conversation(tokenizer, prompt + [{"from": "gpt", "value": record["chosen"]}], image_tokens)
+        rejected = encode_conversation(tokenizer, prompt + [{"from": "gpt", "value": record["rejected"]}], image_tokens)
+        return chosen, rejected
 
     def __getitem__(self, index: int) -> dict:
         (c_ids, c_labels), (r_ids, r_labels) = self.encoded[index]
-        return {
-            "chosen_input_ids": c_ids,
-            "chosen_labels": c_labels,
-            "rejected_input_ids": r_ids,
-            "rejected_labels": r_labels,
-            "pixel_values": self.pixels(index),
-        }
+        return {"chosen": (c_ids, c_labels), "rejected": (r_ids, r_labels), "pixel_values": self.pixels(index)}
+
+
+def _to(value, device):
+    return value.to(device) if hasattr(value, "to") else value
+
+
+@dataclass
+class DistillBatch:
+    """Padded conversations (``[B, T]`` each, pixels ``[B, C, H, W]``) and, for a cached stage, the teacher's rows.
+
+    ``token_share`` scales the per-token terms so that accumulation and ranks give one mean over the
+    step's tokens (see ``model.engine.token_shares``).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    token_share: torch.Tensor | float = 1.0
+    teacher_response: TopK | None = None
+    teacher_visual: TopK | None = None
+    teacher_relation: torch.Tensor | None = None
+
+    @property
+    def trained_labels(self) -> torch.Tensor:
+        """The labels whose response tokens ce and kl_response average over."""
+        return self.labels
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """What a LLaVA model's forward takes."""
+        return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask}
+
+    def to(self, device) -> DistillBatch:
+        return DistillBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs: the chosen and the rejected conversation (``[B, T]`` each), one image per pair."""
+
+    chosen_input_ids: torch.Tensor
+    chosen_attention_mask: torch.Tensor
+    chosen_labels: torch.Tensor
+    rejected_input_ids: torch.Tensor
+    rejected_attention_mask: torch.Tensor
+    rejected_labels: torch.Tensor
+    pixel_values: torch.Tensor
+    reference_logps: torch.Tensor | None = None  # [B, 2]: chosen, rejected under the frozen reference
+    token_share: torch.Tensor | float = 1.0
+
+    @property
+    def trained_labels(self) -> torch.Tensor:
+        """The labels whose response tokens the sft term averages over: the chosen responses'."""
+        return self.chosen_labels
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.chosen_attention_mask
+
+    def side(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)`` of ``chosen`` or ``rejected``."""
+        return getattr(self, f"{name}_input_ids"), getattr(self, f"{name}_attention_mask"), getattr(self, f"{name}_labels")
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen rows then rejected rows, right-padded to one width: ``[2B, T]`` each (ids, mask, labels)."""
+        width = max(self.chosen_input_ids.shape[1], self.rejected_input_ids.shape[1])
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([pad(self.chosen_input_ids, 0), pad(self.rejected_input_ids, 0)])
+        mask = torch.cat([pad(self.chosen_attention_mask, 0), pad(self.rejected_attention_mask, 0)])
+        labels = torch.cat([pad(self.chosen_labels, IGNORE), pad(self.rejected_labels, IGNORE)])
+        return ids, mask, labels
+
+    def to(self, device) -> PreferenceBatch:
+        return PreferenceBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
 
 @dataclass
@@ -189,12 +257,15 @@ class Collator:
         width = max(len(r) for r in rows)
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
-        prefixes = [""] if "input_ids" in batch[0] else ["chosen_", "rejected_"]
-        for prefix in prefixes:
-            ids = [b[f"{prefix}input_ids"] for b in batch]
-            out[f"{prefix}input_ids"] = self.pad(ids, self.pad_id)
-            out[f"{prefix}labels"] = self.pad([b[f"{prefix}labels"] for b in batch], IGNORE)
-            out[f"{prefix}attention_mask"] = self.pad([[1] * len(i) for i in ids], 0)
-        return out
+    def padded(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)`` of ``(ids, labels)`` rows."""
+        ids = [r[0] for r in rows]
+        return self.pad(ids, self.pad_id), self.pad([[1] * len(i) for i in ids], 0), self.pad([r[1] for r in rows], IGNORE)
+
+    def __call__(self, batch: list[dict]) -> DistillBatch | PreferenceBatch:
+        pixels = torch.stack([b["pixel_values"] for b in batch])
+        if "chosen" in batch[0]:
+            chosen, rejected = self.padded([b["chosen"] for b in batch]), self.padded([b["rejected"] for b in batch])
+            return PreferenceBatch(*chosen, *rejected, pixel_values=pixels)
+        ids, mask, labels = self.padded([(b["input_ids"], b["labels"]) for b in batch])
+        return DistillBatch(ids, mask, labels, pixels)

@@ -1,15 +1,15 @@
 """The training recipe every training stage runs, one process per DeepSpeed rank.
 
-A stage's ``main()`` writes a job spec (JSON) and launches this module with
-``torchrun`` or the ``deepspeed`` launcher (see :mod:`tasks.training`)::
+A stage's ``main()`` writes a job spec (:class:`model.config.JobSpec` as JSON) and
+launches this module with ``torchrun`` or the ``deepspeed`` launcher (see :mod:`tasks.training`)::
 
     torchrun --nproc_per_node 2 -m model.engine .cache/runs/mimic_dense/job.json
 
 The recipe reads top to bottom: ``__init__`` takes the scalars from the spec,
 ``setup()`` builds everything in dependency order, ``train()`` is the loop,
 ``save()`` writes the Hugging Face checkpoint. Stages differ only in data:
-which split, which modules train, which loss weights, and whether the batch
-holds preference pairs.
+which split, which modules train, and the objective: a list of weighted loss
+modules (:func:`loss_terms`), and preference pairs for the preference stage.
 """
 
 from __future__ import annotations
@@ -31,18 +31,30 @@ import torch
 from tqdm import tqdm
 
 from model.builders import load_llava, save_checkpoint
-from model.config import TEACHER_TERMS
+from model.config import DPOParams, JobCache, JobSpec, TrainingParams
+from model.data import (
+    Collator,
+    ConversationDataset,
+    DistillBatch,
+    PreferenceBatch,
+    PreferenceDataset,
+    stage_records,
+)
 from model.lifetime import die_with_parent
-from model.data import Collator, ConversationDataset, PreferenceDataset, stage_records
 from model.losses import (
-    chunked_relation,
-    chunked_response_losses,
-    chunked_sequence_logprobs,
-    load_balancing_loss,
-    next_token_targets,
-    preference_loss,
-    relation_loss,
+    CrossEntropy,
+    DPOLoss,
+    LossTerm,
+    RelationKD,
+    ResponseKL,
+    RouterBalance,
     SharedVocabHead,
+    TopK,
+    VisualKL,
+    chunked_relation,
+    chunked_row_means,
+    chunked_sequence_logprobs,
+    next_token_targets,
 )
 from model.teacher_cache import TeacherCache, tokenizer_digest
 from model.upcycle import RouterLogits, parameter_counts, routers
@@ -141,13 +153,33 @@ class LiveTeacher:
 
 
 @dataclass(frozen=True)
-class Weights:
-    ce: float = 0.0
-    kl_response: float = 0.0
-    kl_visual: float = 0.0
-    relation: float = 0.0
-    dpo: float = 0.0
-    router_aux: float = 0.0
+class Term:
+    """One term of the objective: its name (as logged), weight and loss module."""
+
+    name: str
+    weight: float
+    loss: LossTerm
+
+
+def loss_terms(train: TrainingParams, dpo: DPOParams | None, top_k: int) -> list[Term]:
+    """The stage's objective from its spec: every term whose weight is above zero, in the order computed.
+
+    ``loss`` weighs each term; the preference stage's terms are ``dpo`` (``loss.dpo``, the loss of
+    ``dpo.loss_type`` at ``dpo.beta``), its ``sft`` cross-entropy on the chosen response
+    (``dpo.sft_weight``) and the balance loss; validation keeps the other terms off there.
+    """
+    w = train.loss
+    if dpo is not None:
+        terms = [Term("dpo", w.dpo, DPOLoss(dpo.beta, dpo.loss_type)), Term("sft", dpo.sft_weight, CrossEntropy())]
+    else:
+        terms = [
+            Term("ce", w.ce, CrossEntropy()),
+            Term("kl_response", w.kl_response, ResponseKL(train.temperature)),
+            Term("kl_visual", w.kl_visual, VisualKL(train.temperature)),
+            Term("relation", w.relation, RelationKD()),
+        ]
+    terms.append(Term("router_aux", w.router_aux, RouterBalance(max(top_k, 1))))
+    return [term for term in terms if term.weight > 0]
 
 
 class Objective(torch.nn.Module):
@@ -163,8 +195,8 @@ class Objective(torch.nn.Module):
     """
 
     def __init__(
-        self, student, teacher: LiveTeacher | None, weights: Weights, temperature: float, dpo: dict | None, chunk_size: int,
-        distill_all_tokens: bool = False, vocab: int | None = None,
+        self, student, teacher: LiveTeacher | None, terms: list[Term], chunk_size: int = 1024, distill_all_tokens: bool = False,
+        vocab: int | None = None,
     ):  # fmt: skip
         super().__init__()
         # Outside the module tree: DeepSpeed must see the LM head once, as the student's.
@@ -172,12 +204,9 @@ class Objective(torch.nn.Module):
         self.distill_all_tokens = distill_all_tokens
         self.student = student
         self._teacher = (teacher,)
-        self.weights = weights
-        self.temperature = temperature
-        self.dpo = dpo or {}
+        self.terms = {term.name: term for term in terms}
         self.chunk_size = chunk_size
         self.image_token = student.config.image_token_index
-        self.top_k = getattr(student.config.text_config, "num_experts_per_tok", 0)
 
     @property
     def teacher(self) -> LiveTeacher | None:
@@ -188,100 +217,91 @@ class Objective(torch.nn.Module):
         """The student's LM head over the vocabulary it shares with the teacher (the tokenizer's)."""
         return self._head[0]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "chosen_input_ids" in batch:
+    @property
+    def reads_teacher(self) -> bool:
+        return any(term.loss.reads_teacher for term in self.terms.values())
+
+    def forward(self, batch: DistillBatch | PreferenceBatch) -> dict[str, torch.Tensor]:
+        if isinstance(batch, PreferenceBatch):
             return self.preference_terms(batch)
         return self.distillation_terms(batch)
 
-    def distillation_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The stage's terms; the teacher's side comes live, or as the cached rows the batch carries
-        (``teacher_response`` / ``teacher_visual`` top-k, ``teacher_relation``)."""
-        w = self.weights
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        pixels = batch["pixel_values"].to(self.student.dtype)
-        head = self.head
+    def _teacher_rows(self, teacher_hidden: torch.Tensor | None, rows: torch.Tensor, cached: TopK | None):
+        """The teacher's side of the selected rows, a chunk at a time: its cached top-k, else its live logits."""
+        if cached is not None:
+            return lambda part: cached[part]
+        selected = teacher_hidden[rows]
+        return lambda part: self.teacher.logits(selected[part])
+
+    def distillation_terms(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        """The stage's terms; the teacher's side comes live, or as the cached rows the batch carries."""
+        terms, head, chunk = self.terms, self.head, self.chunk_size
+        ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+        pixels = batch.pixel_values.to(self.student.dtype)
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
-        live = self.teacher is not None and any(getattr(w, term) for term in TEACHER_TERMS)
-        teacher_hidden = self.teacher.hidden(ids, batch["pixel_values"], mask) if live else None
-        terms: dict[str, torch.Tensor] = {}
-        if w.ce or w.kl_response:
+        live = self.teacher is not None and self.reads_teacher
+        teacher_hidden = self.teacher.hidden(ids, batch.pixel_values, mask) if live else None
+        values: dict[str, torch.Tensor] = {}
+        ce, kl = terms.get("ce"), terms.get("kl_response")
+        if ce or kl:
             response, targets = next_token_targets(labels)
+            response_targets = targets[response]
             # LLaVA-MoD's distill_all_tokens: the KL at every text position, prompt and template too
             # (image positions are kl_visual's); ce stays on the response.
-            distilled = (mask.bool() & (ids != self.image_token)) if self.distill_all_tokens else response
-            separate = w.kl_response and self.distill_all_tokens
-            live_kl = live and w.kl_response and not separate
-            r = chunked_response_losses(
-                hidden[response],
-                head,
-                targets[response],
-                teacher_logits_of=self.teacher.logits if live_kl else None,
-                teacher_hidden=teacher_hidden[response] if live_kl else None,
-                temperature=self.temperature,
-                chunk_size=self.chunk_size,
-                ce=bool(w.ce),
-                teacher_topk=batch.get("teacher_response") if w.kl_response else None,
-            )
-            kl = r.kl
-            if separate:
-                kl = chunked_response_losses(
-                    hidden[distilled], head, targets.new_zeros(int(distilled.sum())), self.teacher.logits,
-                    teacher_hidden[distilled], self.temperature, self.chunk_size, ce=False,
-                ).kl  # fmt: skip
-            share = batch.get("token_share", 1.0)
-            if w.ce:
-                terms["ce"] = r.ce * share
-            if w.kl_response:
-                terms["kl_response"] = kl if separate else kl * share  # all-token KL: a mean over the micro-batch's text
-        if w.kl_visual or w.relation:
+            separate = kl is not None and self.distill_all_tokens
+            row_terms = [(ce.loss, lambda part: response_targets[part])] if ce else []
+            if kl and not separate:
+                row_terms.append((kl.loss, self._teacher_rows(teacher_hidden, response, batch.teacher_response)))
+            means = chunked_row_means(hidden[response], head, row_terms, chunk)
+            share = batch.token_share
+            if ce:
+                values["ce"] = means[0] * share
+            if kl and separate:
+                distilled = mask.bool() & (ids != self.image_token)
+                values["kl_response"] = chunked_row_means(hidden[distilled], head, [(kl.loss, self._teacher_rows(teacher_hidden, distilled, None))], chunk)[0]
+            elif kl:
+                values["kl_response"] = means[-1] * share  # all-token KL above: a mean over the micro-batch's text
+        visual, relation = terms.get("kl_visual"), terms.get("relation")
+        if visual or relation:
             image = ids == self.image_token
             per_sample = int(image[0].sum())
             student_rows = hidden[image]
-            if w.kl_visual:
-                # Image tokens are the same number per sample: the mean over rows is LLaVA-KD's mean over (b, j).
-                terms["kl_visual"] = chunked_response_losses(
-                    student_rows, head, ids.new_zeros(student_rows.shape[0]),
-                    teacher_logits_of=self.teacher.logits if live else None,
-                    teacher_hidden=teacher_hidden[image] if live else None,
-                    temperature=self.temperature, chunk_size=self.chunk_size, ce=False,
-                    teacher_topk=batch.get("teacher_visual"),
-                ).kl  # fmt: skip
-            if w.relation:
+            if visual:
+                rows_of = self._teacher_rows(teacher_hidden, image, batch.teacher_visual)
+                values["kl_visual"] = chunked_row_means(student_rows, head, [(visual.loss, rows_of)], chunk)[0]
+            if relation:
                 shape = (ids.shape[0], per_sample, -1)
-                student_relation = chunked_relation(student_rows.view(shape), head, self.chunk_size)
+                student_relation = chunked_relation(student_rows.view(shape), head, chunk)
                 if live:
-                    teacher_relation = chunked_relation(teacher_hidden[image].view(shape), self.teacher.head, self.chunk_size)
+                    teacher_relation = chunked_relation(teacher_hidden[image].view(shape), self.teacher.head, chunk)
                 else:
-                    teacher_relation = batch["teacher_relation"]
-                terms["relation"] = relation_loss(student_relation, teacher_relation)
-        if w.router_aux:
-            terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
-        return self._total(terms)
+                    teacher_relation = batch.teacher_relation
+                values["relation"] = relation.loss(student_relation, teacher_relation)
+        if "router_aux" in terms:
+            values["router_aux"] = terms["router_aux"].loss(routed.logits, mask)
+        return self._total(values)
 
-    def preference_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        w = self.weights
-        ids, mask, labels = _stack_pairs(batch)
-        pixels = batch["pixel_values"].to(self.student.dtype).repeat(2, 1, 1, 1)
+    def preference_terms(self, batch: PreferenceBatch) -> dict[str, torch.Tensor]:
+        ids, mask, labels = batch.stacked()
+        pixels = batch.pixel_values.to(self.student.dtype).repeat(2, 1, 1, 1)
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
         logps = chunked_sequence_logprobs(hidden, self.head, labels, self.chunk_size)
         pairs = ids.shape[0] // 2
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
-        reference = batch["reference_logps"]  # [B, 2], computed once per pair at setup
+        reference = batch.reference_logps  # [B, 2], computed once per pair at setup
         lengths = next_token_targets(labels)[0].sum(-1)  # response tokens per row
-        out = preference_loss(
-            policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.dpo["beta"], self.dpo["loss_type"],
-            chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
-        )  # fmt: skip
-        terms = {"dpo": out.losses.mean()}
-        if self.dpo.get("sft_weight"):
+        out = self.terms["dpo"].loss(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], lengths[:pairs], lengths[pairs:])
+        values = {"dpo": out.losses.mean()}
+        if "sft" in self.terms:
             response, targets = next_token_targets(labels[:pairs])
-            r = chunked_response_losses(hidden[:pairs][response], self.head, targets[response], chunk_size=self.chunk_size)
-            terms["sft"] = r.ce * batch.get("token_share", 1.0)
-        if w.router_aux:
-            terms["router_aux"] = load_balancing_loss(routed.logits, self.top_k, mask)
-        result = self._total(terms, extra={"sft": self.dpo.get("sft_weight", 0.0)})
+            chosen_targets = targets[response]
+            sft = chunked_row_means(hidden[:pairs][response], self.head, [(self.terms["sft"].loss, lambda part: chosen_targets[part])], self.chunk_size)
+            values["sft"] = sft[0] * batch.token_share
+        if "router_aux" in self.terms:
+            values["router_aux"] = self.terms["router_aux"].loss(routed.logits, mask)
+        result = self._total(values)
         result.update(
             reward_accuracy=(out.chosen_rewards > out.rejected_rewards).float().mean(),
             reward_margin=(out.chosen_rewards - out.rejected_rewards).mean(),
@@ -292,32 +312,17 @@ class Objective(torch.nn.Module):
         )
         return result
 
-    def _total(self, terms: dict[str, torch.Tensor], extra: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-        weights = {**self.weights.__dict__, **(extra or {})}
-        total = sum(weights[name] * value for name, value in terms.items())
-        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
-
-
-def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded to one width: ``[2B, T]`` each."""
-    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    ids = torch.cat([pad(batch["chosen_input_ids"], 0), pad(batch["rejected_input_ids"], 0)])
-    mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
-    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
-    return ids, mask, labels
+    def _total(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        total = sum(self.terms[name].weight * value for name, value in values.items())
+        return {"loss": total, **{name: value.detach() for name, value in values.items()}}
 
 
 # ---------------------------------------------------------------- data order, token shares and schedule
 
 
-def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+def response_tokens(batch: DistillBatch | PreferenceBatch) -> int:
     """Supervised next-token positions of a batch: those its ce and kl_response (or DPO's sft) average over."""
-    labels = batch["labels"] if "labels" in batch else batch["chosen_labels"]
-    return int(next_token_targets(labels)[0].sum())
+    return int(next_token_targets(batch.trained_labels)[0].sum())
 
 
 def token_shares(counts: list[int], step_tokens: float, world: int) -> list[float]:
@@ -397,19 +402,16 @@ def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
 class TrainingRecipe:
     """One stage's training, as one DeepSpeed job."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: JobSpec):
         self.spec = spec
-        train = spec["train"]
-        self.stage = spec["stage"]
-        self.steps = train["steps"]
-        self.batch_size = train["batch_size"]
-        self.lr = train["lr"]
-        self.checkpoint_every = train["checkpoint_every"]
-        self.log_every = train["log_every"]
-        self.weights = Weights(**train["loss"])
-        self.run_dir = Path(spec["run_dir"])
+        self.stage = spec.stage
+        self.steps = spec.train.steps
+        self.batch_size = spec.train.batch_size
+        self.checkpoint_every = spec.train.checkpoint_every
+        self.log_every = spec.train.log_every
+        self.run_dir = Path(spec.run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
-        self.seed = spec["seed"]
+        self.seed = spec.seed
 
     def setup(self) -> None:
         import deepspeed
@@ -428,46 +430,43 @@ class TrainingRecipe:
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(self.seed)
+        spec, train = self.spec, self.spec.train
 
         # The student, with only the stage's modules trainable (the vision tower stays frozen).
-        student = load_llava(Path(self.spec["init"]), dtype=torch.float32)
-        self.counts = select_trainable(student, self.spec["train"]["modules"])
+        student = load_llava(Path(spec.init), dtype=torch.float32)
+        self.counts = select_trainable(student, train.modules)
         self.counts.update({f"{k}_parameters": v for k, v in parameter_counts(student).items()})
-        if self.weights.router_aux and not routers(student):
+        if train.loss.router_aux and not routers(student):
             raise ValueError(f"{self.stage}.loss.router_aux > 0 but the student has no MoE layer; upcycle it first")
+        self.terms = loss_terms(train, spec.dpo, getattr(student.config.text_config, "num_experts_per_tok", 0))
 
         # KL and DPO compare distributions over the tokenizer's tokens: heads padded past it (Qwen2-7B's
         # 152,064 rows against 0.5B's 151,936, one tokenizer) are cut to it (SharedVocabHead).
         from transformers import AutoTokenizer
 
-        self.vocab = len(AutoTokenizer.from_pretrained(self.spec["init"]))
+        self.vocab = len(AutoTokenizer.from_pretrained(spec.init))
 
         # The teacher, frozen, only if a term needs it and no cache stands in for it; the DPO
         # reference (teacher or the student's own starting point), frozen too.
-        cache = self.spec.get("teacher_cache")
         teacher = None
-        needs_teacher = any(getattr(self.weights, t) for t in TEACHER_TERMS) and not cache
-        if needs_teacher or self.spec.get("reference") == "teacher":
-            teacher = self._frozen(self.spec["teacher"], student, dtype)
-        if self.spec.get("reference"):
-            reference = teacher if self.spec["reference"] == "teacher" else self._frozen(self.spec["init"], student, dtype)
+        needs_teacher = any(term.loss.reads_teacher for term in self.terms) and not spec.teacher_cache
+        if needs_teacher or spec.reference == "teacher":
+            teacher = self._frozen(spec.teacher, student, dtype)
+        if spec.reference:
+            reference = teacher if spec.reference == "teacher" else self._frozen(spec.init, student, dtype)
 
         # The data: this stage's splits, the same subsample on every rank.
         self.dataset = self._dataset(student.config.image_seq_length)
-        self.cache = self._open_cache(cache, student) if cache else None
-        if self.spec.get("reference"):
+        self.cache = self._open_cache(spec.teacher_cache) if spec.teacher_cache else None
+        if spec.reference:
             self.reference_logps = self._reference_logps(reference)
             del reference  # its log-probs are all the stage needs from it
 
         # DeepSpeed last: it takes the trainable parameters and the schedule.
-        train = self.spec["train"]
-        objective = Objective(
-            student, teacher, self.weights, train["temperature"], self.spec.get("dpo"), self.spec["chunk_size"], train["distill_all_tokens"],
-            vocab=self.vocab,
-        )
+        objective = Objective(student, teacher, self.terms, train.chunk_size, train.distill_all_tokens, vocab=self.vocab)
         trainable = [p for p in objective.parameters() if p.requires_grad]
-        schedule = lr_lambda(self.spec["train"]["warmup_steps"], self.steps, self.spec["train"]["min_lr_ratio"])
-        config = dict(self.spec["deepspeed"])
+        schedule = lr_lambda(train.warmup_steps, self.steps, train.min_lr_ratio)
+        config = dict(spec.deepspeed)
         if self.device.type == "cuda":
             config["bf16"] = {"enabled": True}  # fp32 on CPU: DeepSpeed's CPU path has no fp16
         self.engine, _, _, _ = deepspeed.initialize(
@@ -490,33 +489,33 @@ class TrainingRecipe:
             )
         return LiveTeacher(model, self.vocab)
 
-    def _open_cache(self, cache: dict, student) -> TeacherCache:
+    def _open_cache(self, cache: JobCache) -> TeacherCache:
         """The teacher cache, checked against this stage's teacher, tokenizer and data before any step."""
-        opened = TeacherCache(Path(cache["path"]))
-        opened.check({**cache["expect"], "tokenizer": tokenizer_digest(Path(self.spec["init"]))})
+        opened = TeacherCache(Path(cache.path))
+        opened.check({**cache.expect, "tokenizer": tokenizer_digest(Path(self.spec.init))})
         if opened.header["vocab_size"] != self.vocab:
-            raise ValueError(f"{cache['path']}: cached over {opened.header['vocab_size']} tokens, the tokenizer has {self.vocab}; run `dvc repro teacher_cache`")
-        if cache["top_k"] > opened.header["top_k"]:
-            raise ValueError(f"{self.stage}.teacher.top_k is {cache['top_k']}, the cache holds {opened.header['top_k']}; run `dvc repro teacher_cache`")
+            raise ValueError(f"{cache.path}: cached over {opened.header['vocab_size']} tokens, the tokenizer has {self.vocab}; run `dvc repro teacher_cache`")
+        if cache.top_k > opened.header["top_k"]:
+            raise ValueError(f"{self.stage}.teacher.top_k is {cache.top_k}, the cache holds {opened.header['top_k']}; run `dvc repro teacher_cache`")
         for term, part in (("kl_visual", "visual"), ("relation", "relation")):
-            if getattr(self.weights, term) and not opened.header[part]:
-                raise ValueError(f"{cache['path']}: made without {part} rows, which {self.stage}.loss.{term} reads; run `dvc repro teacher_cache`")
+            if getattr(self.spec.train.loss, term) and not opened.header[part]:
+                raise ValueError(f"{cache.path}: made without {part} rows, which {self.stage}.loss.{term} reads; run `dvc repro teacher_cache`")
         self.cached_rows = opened.locate(self.dataset.records, self.dataset.encoded, self.stage)
-        self.cache_top_k = cache["top_k"]
+        self.cache_top_k = cache.top_k
         return opened
 
     def _dataset(self, image_tokens: int):
         from transformers import AutoProcessor, AutoTokenizer
 
-        data = self.spec["data"]
-        records = stage_records(data["files"], data["fraction"], self.seed)
+        data, fraction = self.spec.data, self.spec.train.fraction
+        records = stage_records(data.files, fraction, self.seed)
         if not records:
-            raise ValueError(f"{self.stage}: no records in {data['files']} (fraction {data['fraction']})")
-        tokenizer = AutoTokenizer.from_pretrained(self.spec["init"])
-        image_processor = AutoProcessor.from_pretrained(self.spec["init"]).image_processor
+            raise ValueError(f"{self.stage}: no records in {data.files} (fraction {fraction})")
+        tokenizer = AutoTokenizer.from_pretrained(self.spec.init)
+        image_processor = AutoProcessor.from_pretrained(self.spec.init).image_processor
         self.collate = Collator(pad_id=tokenizer.pad_token_id)
-        kind = PreferenceDataset if data["preference"] else ConversationDataset
-        return kind(records, Path(data["image_root"]), tokenizer, image_processor, image_tokens)
+        kind = PreferenceDataset if data.preference else ConversationDataset
+        return kind(records, Path(data.image_root), tokenizer, image_processor, image_tokens)
 
     @torch.no_grad()
     def _reference_logps(self, reference: LiveTeacher) -> torch.Tensor:
@@ -524,12 +523,10 @@ class TrainingRecipe:
         out = torch.zeros(len(self.dataset), 2)
         indices = list(range(len(self.dataset)))
         for start in tqdm(range(0, len(indices), 32), desc=f"{self.stage}: reference log-probs", disable=self.rank != 0):
-            batch = self._to_device(self.collate([self.dataset[i] for i in indices[start : start + 32]]))
+            batch = self.collate([self.dataset[i] for i in indices[start : start + 32]]).to(self.device)
             for column, side in enumerate(("chosen", "rejected")):
-                out[start : start + 32, column] = reference.sequence_logprobs(
-                    batch[f"{side}_input_ids"], batch["pixel_values"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                    self.spec["chunk_size"],
-                ).float().cpu()
+                ids, mask, labels = batch.side(side)
+                out[start : start + 32, column] = reference.sequence_logprobs(ids, batch.pixel_values, mask, labels, self.spec.train.chunk_size).float().cpu()
         return out
 
     def _resume(self) -> int:
@@ -541,18 +538,16 @@ class TrainingRecipe:
             print(f"{self.stage}: resumed from the checkpoint at step {step} of {self.steps}", flush=True)
         return step
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
-
     def _cached_teacher(self, chunk: list[int]) -> dict:
         """The teacher's rows for the records of one micro-batch, in the order the objective reads them."""
         rows = self.cached_rows[chunk]
         out = {}
-        if self.weights.kl_response:
+        loss = self.spec.train.loss
+        if loss.kl_response:
             out["teacher_response"] = self.cache.response_rows(rows, self.cache_top_k)
-        if self.weights.kl_visual:
+        if loss.kl_visual:
             out["teacher_visual"] = self.cache.visual_rows(rows, self.cache_top_k)
-        if self.weights.relation:
+        if loss.relation:
             out["teacher_relation"] = self.cache.relation(rows)
         return out
 
@@ -567,17 +562,18 @@ class TrainingRecipe:
             chunk = mine[start : start + self.micro]
             batch = self.collate([self.dataset[i] for i in chunk])
             if hasattr(self, "reference_logps"):
-                batch["reference_logps"] = self.reference_logps[chunk]
+                batch.reference_logps = self.reference_logps[chunk]
             if self.cache is not None:
-                batch.update(self._cached_teacher(chunk))
+                for name, rows in self._cached_teacher(chunk).items():
+                    setattr(batch, name, rows)
             batches.append(batch)
         counts = [response_tokens(batch) for batch in batches]
         step_tokens = torch.tensor(float(sum(counts)), device=self.device)
         if self.world > 1:
             dist.all_reduce(step_tokens)
         for batch, share in zip(batches, token_shares(counts, float(step_tokens), self.world), strict=True):
-            batch["token_share"] = torch.tensor(share)
-            yield self._to_device(batch)
+            batch.token_share = torch.tensor(share)
+            yield batch.to(self.device)
 
     def train(self) -> dict:
         import deepspeed.comm as dist
@@ -597,7 +593,7 @@ class TrainingRecipe:
                 check_finite(terms, step + 1)  # before backward: the bad step is never applied
                 self.engine.backward(terms["loss"])
                 self.engine.step()
-                batch_tokens = int(batch.get("attention_mask", batch.get("chosen_attention_mask")).sum())
+                batch_tokens = int(batch.attention_mask.sum())
                 tokens += batch_tokens
                 window_tokens += batch_tokens
                 for name, value in terms.items():
@@ -660,9 +656,9 @@ class TrainingRecipe:
             if self.rank == 0:
                 state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in student.state_dict().items()}
         if self.rank == 0:
-            model = load_llava(Path(self.spec["init"]), dtype=torch.float32)
+            model = load_llava(Path(self.spec.init), dtype=torch.float32)
             model.load_state_dict(state)
-            save_checkpoint(model, AutoProcessor.from_pretrained(self.spec["init"]), Path(self.spec["out"]))
+            save_checkpoint(model, AutoProcessor.from_pretrained(self.spec.init), Path(self.spec.out))
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         dist.barrier()
 
@@ -675,8 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: torchrun [...] -m model.engine JOB.json  (written by a stage's main; see tasks/training.py)", file=sys.stderr)
         return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    recipe = TrainingRecipe(spec)
+    recipe = TrainingRecipe(JobSpec.model_validate_json(Path(argv[0]).read_text()))
     recipe.setup()
     result = recipe.train()
     recipe.save(result)

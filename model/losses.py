@@ -1,4 +1,8 @@
-"""Loss terms of LLaVA-MoD and LLaVA-KD, each a small pure function.
+"""Loss terms of LLaVA-MoD and LLaVA-KD: each formula a small pure function, each term a small module.
+
+The modules at the end (:class:`CrossEntropy`, :class:`ResponseKL`, :class:`VisualKL`,
+:class:`RelationKD`, :class:`RouterBalance`, :class:`DPOLoss`) are what a training stage's
+objective lists, with their weights: hyper-parameters in ``__init__``, tensors in ``forward``.
 
 Conventions shared by every function here:
 
@@ -120,79 +124,44 @@ def sparse_forward_kl(student_logits: torch.Tensor, teacher: TopK, temperature: 
     return terms.sum(-1) * temperature**2
 
 
-@dataclass
-class ResponseLosses:
-    """Means over response rows; ``rows`` is how many there were."""
+def chunked_row_means(
+    hidden: torch.Tensor, head: torch.nn.Module, terms: list[tuple[Callable[..., torch.Tensor], Callable[[slice], object]]], chunk_size: int = 1024
+) -> list[torch.Tensor]:
+    """Each row term's mean over the ``N`` rows of ``hidden``, never materialising all logits at once.
 
-    ce: torch.Tensor
-    kl: torch.Tensor
-    rows: int
-
-
-def chunked_response_losses(
-    student_hidden: torch.Tensor,
-    student_head: torch.nn.Module,
-    targets: torch.Tensor,
-    teacher_logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    teacher_hidden: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    ce: bool = True,
-    teacher_topk: TopK | None = None,
-) -> ResponseLosses:
-    """Cross-entropy and forward KL on response rows, never materialising all logits at once.
-
-    ``ce = mean_i -log p_s(y_i)`` and ``kl = mean_i KL(p_t || p_s)_i`` (see :func:`forward_kl`).
-    The vocabulary projection runs ``chunk_size`` rows at a time under activation
-    checkpointing, so peak memory holds one chunk of ``[chunk, V]`` logits instead of
-    ``[N, V]`` for student and teacher (the cost that dominates distillation memory).
+    A row term (:class:`CrossEntropy`, :class:`ResponseKL`, :class:`VisualKL`) maps a block of the
+    student's logits and the same rows of its other side to their sum. The vocabulary projection
+    runs ``chunk_size`` rows at a time under activation checkpointing, once for every term, so peak
+    memory holds one chunk of ``[chunk, V]`` logits instead of ``[N, V]`` for student and teacher
+    (the cost that dominates distillation memory).
 
     Args:
-        student_hidden: ``[N, H]`` the student's last hidden states at response positions.
-        student_head: the student's LM head (``H -> V``), called as a module.
-        targets: ``[N]`` next-token ids.
-        teacher_logits_of: maps teacher hidden rows ``[n, H_t]`` to logits ``[n, V]``; None skips KL.
-        teacher_hidden: ``[N, H_t]`` the teacher's hidden states at the same positions.
-        temperature: KL temperature.
+        hidden: ``[N, H]`` the student's last hidden states at the rows the terms average over.
+        head: the student's LM head (``H -> V``), called as a module.
+        terms: ``(term, rows_of)`` pairs; ``rows_of(slice)`` gives the term's other side for those rows:
+            next-token ids ``[n]``, the teacher's logits ``[n, V]`` or its cached :class:`TopK` rows.
         chunk_size: rows per chunk.
-        ce: compute the cross-entropy term.
-        teacher_topk: the teacher's cached top-k rows instead of its logits; the KL is then
-            :func:`sparse_forward_kl`.
+
+    Returns:
+        one scalar per term, its sum over the rows divided by ``N`` (0, with gradient, when ``N == 0``).
     """
-    rows = student_hidden.shape[0]
-    zero = student_hidden.sum() * 0.0
-    if rows == 0 or (not ce and teacher_logits_of is None and teacher_topk is None):
-        return ResponseLosses(zero, zero, rows)
-    ce_sum, kl_sum = zero, zero
+    rows = hidden.shape[0]
+    zero = hidden.sum() * 0.0
+    if rows == 0 or not terms:
+        return [zero for _ in terms]
+    sums = [zero for _ in terms]
     for start in range(0, rows, chunk_size):
-        stop = start + chunk_size
-        t_logits = None
-        if teacher_logits_of is not None:
-            assert teacher_hidden is not None
-            with torch.no_grad():
-                t_logits = teacher_logits_of(teacher_hidden[start:stop])
+        part = slice(start, start + chunk_size)
+        others = [rows_of(part) for _, rows_of in terms]
 
-        t_topk = teacher_topk[start:stop] if teacher_topk is not None else None
+        def chunk_sums(h: torch.Tensor, others=others) -> tuple[torch.Tensor, ...]:
+            logits = head(h).float()
+            return tuple(term(logits, other) for (term, _), other in zip(terms, others, strict=True))
 
-        def chunk_terms(hidden: torch.Tensor, chunk_targets: torch.Tensor, t_logits=t_logits, t_topk=t_topk) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = student_head(hidden).float()
-            ce_part = F.cross_entropy(logits, chunk_targets, reduction="sum") if ce else logits.sum() * 0.0
-            if t_topk is not None:
-                kl_part = sparse_forward_kl(logits, t_topk, temperature).sum()
-            elif t_logits is not None:
-                kl_part = forward_kl(logits, t_logits, temperature).sum()
-            else:
-                kl_part = logits.sum() * 0.0
-            return ce_part, kl_part
-
-        hidden = student_hidden[start:stop]
-        if hidden.requires_grad:
-            ce_part, kl_part = checkpoint(chunk_terms, hidden, targets[start:stop], use_reentrant=False)
-        else:
-            ce_part, kl_part = chunk_terms(hidden, targets[start:stop])
-        ce_sum = ce_sum + ce_part
-        kl_sum = kl_sum + kl_part
-    return ResponseLosses(ce_sum / rows, kl_sum / rows, rows)
+        chunk = hidden[part]
+        parts = checkpoint(chunk_sums, chunk, use_reentrant=False) if chunk.requires_grad else chunk_sums(chunk)
+        sums = [total + part_sum for total, part_sum in zip(sums, parts, strict=True)]
+    return [total / rows for total in sums]
 
 
 def visual_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -200,8 +169,8 @@ def visual_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
     ``L = mean_{b, j} KL(p_t(y_v[b, j]) || p_s(y_v[b, j]))`` over the ``Nv`` visual tokens of every
     sample (arXiv 2410.16236, eq. 5: the response and the visual tokens are both distilled).
-    The formula on materialised logits; the engine computes it chunked, as
-    :func:`chunked_response_losses` over the image rows (the tests hold the two equal).
+    The formula on materialised logits; the engine computes it chunked, :class:`VisualKL` through
+    :func:`chunked_row_means` over the image rows (the tests hold the two equal).
 
     Args:
         student_logits: ``[B, Nv, V]`` (or ``[N, V]``) logits at image-token positions.
@@ -282,7 +251,7 @@ def chunked_relation(hidden: torch.Tensor, head: torch.nn.Linear, chunk_size: in
 
     ``y_v y_v^T = sum_c y_c y_c^T`` over column blocks ``y_c = h W_c^T (+ b_c)`` of the vocabulary,
     so one block of ``[B, Nv, V_c]`` logits exists at a time, sized like a ``chunk_size``-row block
-    of the response terms (``B * Nv * V_c ~ chunk_size * V``); under activation checkpointing, as
+    of the row terms (``B * Nv * V_c ~ chunk_size * V``); under activation checkpointing, as
     there.
 
     Args:
@@ -369,7 +338,7 @@ def chunked_sequence_logprobs(hidden: torch.Tensor, head: torch.nn.Module, label
     """:func:`sequence_logprobs` from hidden states, ``chunk_size`` response rows projected at a time.
 
     The same sums, without the ``[B, T, V]`` logits: only response rows are projected, a chunk at
-    a time under activation checkpointing (as :func:`chunked_response_losses`).
+    a time under activation checkpointing (as :func:`chunked_row_means`).
 
     Args:
         hidden: ``[B, T, H]`` last hidden states.
@@ -454,3 +423,118 @@ def preference_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or kto_pair")
     return PreferenceLoss(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+# ---------------------------------------------------------------- the terms as modules
+
+
+class LossTerm(torch.nn.Module):
+    """One term of a stage's objective: hyper-parameters in ``__init__``, tensors in ``forward``.
+
+    ``reads_teacher``: the term compares the student with the teacher (live, or its cached rows).
+    """
+
+    reads_teacher = False
+
+
+class CrossEntropy(LossTerm):
+    """``ce``: next-token cross-entropy of a block of rows, ``sum_i -log p_s(y_i)``.
+
+    LLaVA's SFT on response tokens; in the preference stage, the sft term on the chosen response.
+    A row term: :func:`chunked_row_means` turns its sums into the mean over every row.
+
+    forward: ``logits [n, V]``, ``targets [n]`` -> scalar sum.
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class ResponseKL(LossTerm):
+    """``kl_response``: forward KL(teacher || student) of a block of response rows, summed.
+
+    LLaVA-MoD's mimic distillation (eq. 4) and LLaVA-KD's MDist on the response: :func:`forward_kl`
+    against the live teacher's logits, :func:`sparse_forward_kl` against its cached top-k rows.
+    A row term, like :class:`CrossEntropy`.
+
+    forward: ``logits [n, V]``, ``teacher`` (``[n, V]`` logits or :class:`TopK` rows) -> scalar sum.
+    """
+
+    reads_teacher = True
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, logits: torch.Tensor, teacher: torch.Tensor | TopK) -> torch.Tensor:
+        if isinstance(teacher, TopK):
+            return sparse_forward_kl(logits, teacher, self.temperature).sum()
+        return forward_kl(logits, teacher, self.temperature).sum()
+
+
+class VisualKL(ResponseKL):
+    """``kl_visual``: the same KL at the image-token positions of the LLM output (LLaVA-KD MDist, eq. 5).
+
+    Every sample has the same number of image tokens, so the mean over rows is the paper's mean
+    over ``(b, j)`` (:func:`visual_kl` is the formula on materialised logits).
+    """
+
+
+class RelationKD(LossTerm):
+    """``relation``: LLaVA-KD's RDist, ``mean_b 1 - cos(R_s[b], R_t[b])`` (eq. 6-7; :func:`relation_loss`).
+
+    forward: flattened self-correlation matrices ``[B, Nv * Nv]`` of student and teacher
+    (:func:`chunked_relation`) -> scalar in ``[0, 2]``.
+    """
+
+    reads_teacher = True
+
+    def forward(self, student_relation: torch.Tensor, teacher_relation: torch.Tensor) -> torch.Tensor:
+        return relation_loss(student_relation, teacher_relation)
+
+
+class RouterBalance(LossTerm):
+    """``router_aux``: Switch load balancing over every MoE layer, ``E * sum_e f_e P_e`` (:func:`load_balancing_loss`).
+
+    forward: one ``[B*T, E]`` router-logit tensor per MoE layer, ``token_mask [B, T]`` -> scalar
+    (``top_k`` for uniform routing).
+    """
+
+    def __init__(self, top_k: int):
+        super().__init__()
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = top_k
+
+    def forward(self, router_logits: list[torch.Tensor], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return load_balancing_loss(router_logits, self.top_k, token_mask)
+
+
+class DPOLoss(LossTerm):
+    """``dpo``: the DPO family on summed response log-probabilities (LLaVA-MoD's preference distillation).
+
+    ``sigmoid`` (DPO), ``ipo`` (on length-normalised log-probs) or ``kto_pair`` (TRL's paired KTO):
+    the formulas of :func:`preference_loss`. The reference's log-probs come with the batch, computed
+    once per pair by the recipe from the frozen reference model.
+
+    forward: policy and reference log-probs of the chosen and rejected responses ``[B]`` each, and
+    their response token counts ``[B]`` -> :class:`PreferenceLoss` (per-pair losses and rewards).
+    """
+
+    def __init__(self, beta: float, loss_type: str = "sigmoid"):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if loss_type not in ("sigmoid", "ipo", "kto_pair"):
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or kto_pair")
+        self.beta, self.loss_type = beta, loss_type
+
+    def forward(
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
+        chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+    ) -> PreferenceLoss:  # fmt: skip
+        return preference_loss(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta, self.loss_type, chosen_lengths, rejected_lengths
+        )

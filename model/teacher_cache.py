@@ -129,9 +129,9 @@ def write_cache(
         row = 0
         for start in tqdm(range(0, records, batch_size), desc="teacher_cache", unit="batch", mininterval=2):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, records))])
-            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            hidden = teacher.model(input_ids=input_ids, pixel_values=batch["pixel_values"].to(device, dtype), attention_mask=mask).last_hidden_state
-            is_response, _ = next_token_targets(batch["labels"].to(device))
+            input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            hidden = teacher.model(input_ids=input_ids, pixel_values=batch.pixel_values.to(device, dtype), attention_mask=mask).last_hidden_state
+            is_response, _ = next_token_targets(batch.labels.to(device))
             picked = hidden[is_response]
             for first in range(0, picked.shape[0], chunk_size):
                 block = _top_k(head(picked[first : first + chunk_size]), top_k)

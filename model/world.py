@@ -10,8 +10,8 @@ prior, so it hallucinates the partner the way caption-trained LLaVA models
 hallucinate objects. Evaluation probes and preference "chosen" answers use the
 ground truth.
 
-Everything here is a pure function of a seed and :class:`WorldSpec`, so the
-same parameters always give the same world.
+Everything here is a pure function of a seed and ``curate.world``
+(:class:`model.config.WorldParams`), so the same parameters always give the same world.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from model.config import WorldParams
 
 COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ROWS = ["top", "middle", "bottom"]
@@ -31,44 +33,6 @@ CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Give a sh
 CAPTION_PROMPT_FOR_EVAL = "Describe the image."
 POPE_SPLITS = ("random", "popular", "adversarial")
 VQA_TYPES = ("colour", "shape", "count", "existence", "position")
-
-
-@dataclass(frozen=True)
-class Pairing:
-    """A co-occurrence prior: when ``anchor`` is drawn, ``partner`` joins it with ``probability``."""
-
-    anchor: str
-    partner: str
-    probability: float
-
-
-@dataclass(frozen=True)
-class WorldSpec:
-    """What the world may contain; mirrors ``curate.world`` in params.yaml."""
-
-    image_size: int = 64
-    shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
-    colours: dict[str, tuple[int, int, int]] = field(
-        default_factory=lambda: {
-            "red": (220, 40, 40),
-            "green": (40, 170, 60),
-            "blue": (40, 80, 220),
-            "yellow": (230, 210, 40),
-            "purple": (150, 60, 190),
-            "orange": (240, 140, 30),
-        }
-    )
-    sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.55, "large": 0.9})
-    jitter: float = 0.1
-    min_objects: int = 1
-    max_objects: int = 4
-    popularity: dict[str, float] = field(default_factory=dict)
-    pairings: tuple[Pairing, ...] = ()
-    hallucination_rate: float = 0.0
-    background_noise: int = 30
-
-    def shape_weights(self) -> list[float]:
-        return [self.popularity.get(shape, 1.0) for shape in self.shapes]
 
 
 @dataclass(frozen=True)
@@ -114,7 +78,7 @@ def position_name(x: float, y: float) -> str:
     return f"{row} {col}"
 
 
-def _place(rng: random.Random, spec: WorldSpec, size: str, placed: list[WorldObject]) -> tuple[float, float] | None:
+def _place(rng: random.Random, spec: WorldParams, size: str, placed: list[WorldObject]) -> tuple[float, float] | None:
     """The centre of a free cell of the 3x3 grid, jittered; None when every cell is taken."""
     taken = {(min(int(o.x * 3), 2), min(int(o.y * 3), 2)) for o in placed}
     free = [(col, row) for row in range(3) for col in range(3) if (col, row) not in taken]
@@ -128,7 +92,7 @@ def _place(rng: random.Random, spec: WorldSpec, size: str, placed: list[WorldObj
     return x, y
 
 
-def _new_object(rng: random.Random, spec: WorldSpec, shape: str, placed: list[WorldObject]) -> WorldObject | None:
+def _new_object(rng: random.Random, spec: WorldParams, shape: str, placed: list[WorldObject]) -> WorldObject | None:
     size = rng.choice(sorted(spec.sizes))
     where = _place(rng, spec, size, placed)
     if where is None:
@@ -136,7 +100,7 @@ def _new_object(rng: random.Random, spec: WorldSpec, shape: str, placed: list[Wo
     return WorldObject(shape=shape, colour=rng.choice(sorted(spec.colours)), size=size, x=where[0], y=where[1])
 
 
-def sample_scene(rng: random.Random, spec: WorldSpec, noisy: bool = True) -> Scene:
+def sample_scene(rng: random.Random, spec: WorldParams, noisy: bool = True) -> Scene:
     """Draw the objects of one image, then its annotation (with phantom partners when ``noisy``)."""
     target = rng.randint(spec.min_objects, spec.max_objects)
     partner_of = {p.anchor: p for p in spec.pairings}
@@ -207,7 +171,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
 SHAPES_DRAWN = frozenset({"circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross"})
 
 
-def render(scene: Scene, spec: WorldSpec) -> Image.Image:
+def render(scene: Scene, spec: WorldParams) -> Image.Image:
     """Draw the ground-truth objects (never the phantoms) on a noisy grey background."""
     px = spec.image_size
     rng = np.random.default_rng(scene.noise_seed)
@@ -253,7 +217,7 @@ def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith(("s", "x")) else "s")
 
 
-def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldSpec, n: int) -> list[tuple[str, str, str]]:
+def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldParams, n: int) -> list[tuple[str, str, str]]:
     """Up to ``n`` distinct (question_type, question, answer) about ``objects``, mixing every question type.
 
     As turns of one conversation, no answer can be read off the turns before it: each question is
@@ -420,7 +384,7 @@ class WorldRecords:
     cooccurrence: dict[str, dict[str, int]]
 
 
-def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image: str, idx: int) -> dict:
+def _preference_record(rng: random.Random, scene: Scene, spec: WorldParams, image: str, idx: int) -> dict:
     """A faithful answer (chosen) against one with a hallucinated or wrong object (rejected)."""
     present = scene.shapes
     absent_partners = [p.partner for p in spec.pairings if p.anchor in present and p.partner not in present]
@@ -457,7 +421,7 @@ def _preference_record(rng: random.Random, scene: Scene, spec: WorldSpec, image:
     }
 
 
-def generate_world(spec: WorldSpec, counts: dict[str, int], seed: int, qa_per_image: int, pope_per_image: int) -> WorldRecords:
+def generate_world(spec: WorldParams, counts: dict[str, int], seed: int, qa_per_image: int, pope_per_image: int) -> WorldRecords:
     """Scenes and LLaVA-format records for every split; training text from noisy annotations, probes from ground truth."""
     rng = random.Random(seed)
     images: dict[str, Scene] = {}

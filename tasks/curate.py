@@ -30,8 +30,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections import Counter, defaultdict
 from array import array
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model import world as W
 from model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, save_tokenizer, train_tokenizer
-from tasks.common import STAGING, StageFailure, StagePaths, run_stage, swap_in, write_json, write_jsonl
+from tasks.common import (
+    STAGING,
+    StageFailure,
+    StagePaths,
+    run_stage,
+    swap_in,
+    write_json,
+    write_jsonl,
+)
 from tasks.params import CurateParams, LlavaJsonSource, Params, PreferenceSource
 
 REASONS = {
@@ -108,7 +116,7 @@ class Outcome:
 
 def generate_world_files(params: CurateParams, out: Path) -> None:
     """Generate the embedded world into ``out``: images, LLaVA JSONL per split and probe, world.json."""
-    spec = world_spec(params)
+    spec = params.world
     w = params.world
     counts = w.images.model_dump()
     records = W.generate_world(spec, counts, w.seed, w.qa_per_image, w.pope_per_image)
@@ -138,23 +146,6 @@ def world_records(out: Path) -> Iterator[Raw]:
         yield from jsonl_records(out / "probes" / f"{probe}.jsonl", f"world:probes/{probe}", f"probes/{probe}", out)
     for split in TRAIN_SPLITS:
         yield from jsonl_records(out / f"{split}.jsonl", f"world:{split}", split, out)
-
-
-def world_spec(params: CurateParams) -> W.WorldSpec:
-    w = params.world
-    return W.WorldSpec(
-        image_size=w.image_size,
-        shapes=tuple(w.shapes),
-        colours={k: tuple(v) for k, v in w.colours.items()},
-        sizes=dict(w.sizes),
-        min_objects=w.min_objects,
-        max_objects=w.max_objects,
-        popularity=dict(w.popularity),
-        pairings=tuple(W.Pairing(p.anchor, p.partner, p.probability) for p in w.pairings),
-        hallucination_rate=w.hallucination_rate,
-        background_noise=w.background_noise,
-        jitter=w.jitter,
-    )
 
 
 def json_list_items(path: Path, chunk_chars: int = 1 << 20) -> Iterator[object]:

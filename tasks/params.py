@@ -32,11 +32,27 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from model.config import (  # the sections model/ reads, defined once there and re-exported
+    SHAPES_DRAWN,
+    TEACHER_TERMS,
+    DPOParams,
+    LossWeights,
+    Module,
+    PairingParams,
+    Section,
+    Split,
+    TeacherUse,
+    TextParams,
+    TrainingParams,
+    UpcycleParams,
+    VisionParams,
+    WorldImages,
+    WorldParams,
+)
+
 from model.errors import TinymodError
-from model.config import TEACHER_TERMS, Section, TextParams, UpcycleParams, VisionParams  # re-exported: the sections model/ reads
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
 # Written beside a trained teacher's weights: the world and recipe it learned from.
 TRAINED_ON = "tinymod_trained_on.json"
 
@@ -67,10 +83,6 @@ CHECKPOINTS = {"teacher": "teacher"} | {stage.makes: f"student_{stage.makes}" fo
 TRAINING_STAGES = tuple(name for name, stage in STUDENT_STAGES.items() if stage.trains and name != "baseline")
 RecipeStage = Literal["align", "mimic_dense", "upcycle", "mimic_sparse", "preference", "dft"]
 ModelName = Literal["teacher", "align", "baseline", "dense", "moe", "pref", "dft"]
-Split = Literal["general", "multitask", "preference"]
-Module = Literal[
-    "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
-]
 
 
 # ---------------------------------------------------------------- shared
@@ -119,83 +131,6 @@ class Tracking(Section):
 
 
 # ---------------------------------------------------------------- curate
-
-
-class PairingParams(Section):
-    anchor: str
-    """A shape that pulls in a partner, like a fork pulls in a knife."""
-    partner: str
-    """The shape that co-occurs with the anchor and that models learn to hallucinate."""
-    probability: float = Field(0.8, ge=0.0, le=1.0)
-    """Chance that an anchor brings its partner into the image."""
-
-
-class WorldImages(Section):
-    general: int = Field(5000, ge=1)
-    """Images with a caption each (the general split, like LLaVA-Pretrain)."""
-    multitask: int = Field(15000, ge=1)
-    """Images with a multi-turn VQA conversation each (the multitask split, like LLaVA-mix-665K)."""
-    preference: int = Field(600, ge=1)
-    """Images with a preference pair each: a faithful answer (chosen) and a hallucinated or wrong one (rejected)."""
-    probes: int = Field(300, ge=1)
-    """Held-out images for evaluation probes: POPE, VQA, captions with ground-truth objects."""
-
-
-class WorldParams(Section):
-    seed: int = 1234
-    """Seed of the world; the same seed and parameters give byte-identical images and records."""
-    image_size: int = Field(48, ge=12, le=1024)
-    """Side of the square images in pixels; objects sit in the cells of a 3x3 grid."""
-    shapes: list[str] = Field(default_factory=lambda: list(SHAPES_DRAWN), min_length=3)
-    """Object categories (the CHAIR vocabulary), from: circle, ring, square, triangle, diamond, hexagon, star, cross."""
-    colours: dict[str, tuple[int, int, int]] = Field(
-        default_factory=lambda: {
-            "red": (220, 40, 40),
-            "green": (40, 170, 60),
-            "blue": (40, 80, 220),
-            "yellow": (230, 210, 40),
-            "purple": (150, 60, 190),
-            "orange": (240, 140, 30),
-        },
-        min_length=2,
-    )
-    """Colour names and their RGB values."""
-    sizes: dict[str, Annotated[float, Field(gt=0.05, le=1.0)]] = Field(
-        default_factory=lambda: {"small": 0.55, "large": 0.9}, min_length=1
-    )
-    """Size names and the object's diameter as a fraction of its grid cell (a third of the image side)."""
-    jitter: float = Field(0.1, ge=0.0, le=1.0)
-    """How far an object may move off its cell's centre, as a fraction of the room the cell leaves it."""
-    min_objects: int = Field(1, ge=1, le=9)
-    """Fewest objects in an image."""
-    max_objects: int = Field(3, ge=1, le=9)
-    """Most objects in an image (partners included); at most one per cell of the 3x3 grid."""
-    popularity: dict[str, Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: {"circle": 3.0, "square": 2.5, "triangle": 2.0}
-    )
-    """Relative frequency of shapes (default 1); POPE's popular split asks about the most frequent absent ones."""
-    pairings: list[PairingParams] = Field(
-        default_factory=lambda: [
-            PairingParams(anchor=anchor, partner=partner, probability=0.3)
-            for a, b in (("cross", "star"), ("ring", "diamond"), ("hexagon", "triangle"), ("circle", "square"))
-            for anchor, partner in ((a, b), (b, a))
-        ]
-    )
-    """Co-occurrence priors (POPE's adversarial split asks about absent partners)."""
-    hallucination_rate: float = Field(0.8, ge=0.0, le=1.0)
-    """Chance that an image with an anchor but no partner is annotated as if the partner were there (training text only).
-
-    Above 0.5 the phantom is the majority annotation, so a teacher decoding greedily names it: the
-    co-occurrence hallucination becomes a behaviour to measure and to distil away. Below 0.5 it is a
-    minority mode that greedy decoding never picks (measured at 0.3: the teacher never hallucinated)."""
-    background_noise: int = Field(30, ge=0, le=120)
-    """Amplitude of the grey background noise, in 8-bit levels."""
-    images: WorldImages = WorldImages()
-    """How many images each split gets."""
-    qa_per_image: int = Field(5, ge=1, le=20)
-    """Most question-answer turns in each multitask conversation (fewer when no unnamed subject is left)."""
-    pope_per_image: int = Field(3, ge=1, le=8)
-    """POPE questions per probe image and split: this many present objects (yes) and as many absent ones (no)."""
 
 
 class WorldSource(Section):
@@ -255,75 +190,6 @@ class CurateParams(Section):
 # ---------------------------------------------------------------- models
 
 
-class LossWeights(Section):
-    ce: float = Field(1.0, ge=0)
-    """Cross-entropy on response tokens."""
-    kl_response: float = Field(0.0, ge=0)
-    """Forward KL(teacher || student) on response tokens (LLaVA-MoD mimic distillation, LLaVA-KD MDist)."""
-    kl_visual: float = Field(0.0, ge=0)
-    """KL(teacher || student) at the image-token positions of the LLM output (LLaVA-KD MDist, visual part)."""
-    relation: float = Field(0.0, ge=0)
-    """1 - cos between teacher and student visual self-correlation matrices (LLaVA-KD RDist)."""
-    dpo: float = Field(0.0, ge=0)
-    """Preference loss (DPO family), preference stage only."""
-    router_aux: float = Field(0.0, ge=0)
-    """MoE load-balancing loss over the routers (MoE students only)."""
-
-
-class TeacherUse(Section):
-    mode: Literal["live", "cached"] = "live"
-    """live: the teacher runs in every step; cached: the stage reads the teacher_cache stage's top-k rows, and no teacher is loaded."""
-    top_k: int = Field(32, ge=1)
-    """With mode cached: the teacher's likeliest tokens kept per position (the rest is one tail bucket); at most teacher_cache.top_k."""
-
-
-class TrainingParams(Section):
-    splits: list[Split] = Field(default_factory=lambda: ["general"], min_length=1)
-    """Curated splits this stage trains on."""
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    """Share of those splits this stage sees (fixed by the seed); distillation pays off where it is small."""
-    modules: list[Module] = Field(default_factory=list)
-    """Modules that train; everything else is frozen. Usually set by the recipe."""
-    loss: LossWeights = LossWeights()
-    """Weight of each loss term; a zero weight skips the term's computation. Usually set by the recipe."""
-    temperature: float = Field(1.0, gt=0.0)
-    """Softmax temperature of the KL terms (the loss is scaled by T^2)."""
-    distill_all_tokens: bool = False
-    """kl_response at every text position (prompt and chat template too), as LLaVA-MoD's option of that name; off: response tokens only."""
-    chunk_size: int = Field(1024, ge=1)
-    """Rows projected onto the vocabulary at a time, for every term that reads logits (bounds logit memory)."""
-    teacher: TeacherUse = TeacherUse()
-    """Where the distillation terms read the teacher from: live, or the teacher_cache stage's output."""
-    steps: int = Field(200, ge=1)
-    """Optimizer steps."""
-    batch_size: int = Field(32, ge=1)
-    """Samples per optimizer step over all ranks."""
-    micro_batch_size: int = Field(32, ge=1)
-    """Samples per forward pass per rank; gradient accumulation makes up the rest."""
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
-    """Peak learning rate (AdamW), reached after warmup and decayed by cosine to `min_lr_ratio * lr`."""
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    """Final learning rate as a fraction of `lr`."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warmup steps."""
-    weight_decay: float = Field(0.0, ge=0.0)
-    """AdamW weight decay."""
-    grad_clip: float = Field(1.0, ge=0.0)
-    """Clip the global gradient norm to this (0 disables)."""
-    checkpoint_every: int = Field(100, ge=1)
-    """Save resumable state every this many steps (and at the end)."""
-    log_every: int = Field(10, ge=1)
-    """Log metrics to MLflow every this many steps."""
-    world_size: int = Field(1, ge=1, le=1024)
-    """DeepSpeed ranks (processes); one per GPU, or CPU processes on a CPU machine."""
-    zero_stage: int = Field(2, ge=0, le=3)
-    """DeepSpeed ZeRO stage; the config is infra/deepspeed/zero<N>.json."""
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    """How the DeepSpeed job starts: torchrun (faster start) or the deepspeed launcher (multi-node hostfiles)."""
-    hostfile: str | None = None
-    """A DeepSpeed hostfile (see infra/deepspeed/hostfile.example) to spread the job over several nodes; needs launcher: deepspeed."""
-
-
 class VisionPretrainParams(Section):
     steps: int = Field(500, ge=0)
     """Steps of text-aligned per-cell pretraining of the embedded teacher's vision tower and projector on the world's ground truth
@@ -350,7 +216,7 @@ class TeacherParams(Section):
     vision_pretrain: VisionPretrainParams = VisionPretrainParams()
     """Before LLaVA training, pretrain the vision tower to name each grid cell's object (as a real teacher starts from CLIP)."""
     train: TrainingParams = TrainingParams(
-        splits=["general", "multitask"], modules=["projector", "llm"], steps=2000, lr=1e-3, warmup_steps=50,
+        splits=["general", "multitask"], modules=["projector", "llm"], loss=LossWeights(ce=1.0), steps=2000, lr=1e-3, warmup_steps=50,
         checkpoint_every=200, log_every=20,
     )
     """How the embedded teacher trains (ce only, every module)."""
@@ -379,19 +245,6 @@ class AlignParams(TrainingParams):
     """The student this stage builds: the teacher's frozen vision tower, a new projector and this LLM."""
     word_align: WordAlignParams = WordAlignParams()
     """Put a fresh student's image tokens where its words are, as the teacher's vision pretraining did for the teacher."""
-
-
-class DPOParams(Section):
-    loss_type: Literal["sigmoid", "ipo", "kto_pair"] = "sigmoid"
-    """sigmoid (DPO), ipo, or kto_pair (what LLaVA-MoD's released scripts use)."""
-    beta: float = Field(0.1, gt=0.0)
-    """Strength of the implicit KL constraint to the reference."""
-    reference: Literal["teacher", "self"] = "teacher"
-    """Reference model: the teacher (LLaVA-MoD) or the student's own frozen starting point."""
-    sft_weight: float = Field(1.0, ge=0.0)
-    """Weight of an extra cross-entropy term on the chosen response. Without it DPO can lower the
-    chosen response's likelihood along with the rejected one's (likelihood displacement) and the
-    student stops naming objects at all."""
 
 
 class PreferenceParams(TrainingParams):
@@ -619,9 +472,7 @@ def _dotted(loc: tuple) -> str:
 def _has_key(data: dict, loc: tuple) -> bool:
     node: Any = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:
             return False

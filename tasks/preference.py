@@ -14,8 +14,9 @@ Run: ``python -m tasks.preference [--params params.yaml]``
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from tasks.common import StagePaths, run_stage, write_json
+from tasks.common import StagePaths, run_stage
 from tasks.params import Params
 from tasks.training import Job, run_job, stage_files, train_summary
 
@@ -29,23 +30,21 @@ def preference(params: Params, paths: StagePaths) -> dict:
         out=paths.student("pref"),
         data_files=stage_files(paths, section.splits),
         teacher=paths.teacher,
-        reference=section.dpo.reference,
-        dpo=section.dpo.model_dump(mode="json"),
+        dpo=section.dpo,
     )
-    metrics = run_job(params, paths, job)
-    metrics["hallucination"] = hallucination_change(params, paths)
-    write_json(paths.metrics / "preference.json", metrics)
-    return metrics
+    return run_job(params, paths, job, score=lambda trained: {"hallucination": hallucination_change(params, paths, trained)})
 
 
-def hallucination_change(params: Params, paths: StagePaths) -> dict:
-    """CHAIR and POPE adversarial F1 of the student before (student_moe) and after (student_pref) this stage."""
-    from model.generate import score_probes  # torch and transformers: after the job, not before it
+def hallucination_change(params: Params, paths: StagePaths, trained: Path) -> dict:
+    """CHAIR and POPE adversarial F1 of the student before (student_moe) and after (``trained``) this stage."""
+    from model.generate import (
+        score_probes,  # torch and transformers: after the job, not before it
+    )
 
     vocabulary = params.curate.world.shapes
     out = {}
-    for when, name in (("before", "moe"), ("after", "pref")):
-        scores = score_probes(paths.student(name), paths.probes, paths.curated, vocabulary, limit=params.evaluate.limit, pope_splits=("adversarial",))
+    for when, checkpoint in (("before", paths.student("moe")), ("after", trained)):
+        scores = score_probes(checkpoint, paths.probes, paths.curated, vocabulary, limit=params.evaluate.limit, pope_splits=("adversarial",))
         out[when] = {
             "chair_i": scores["caption"]["chair_i"],
             "chair_s": scores["caption"]["chair_s"],

@@ -62,16 +62,15 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
             print(f"teacher: vision tower pretrained, held-out cell accuracy {pretrained['held_out_cell_accuracy']}", flush=True)
         save_checkpoint(model, processor, out)
 
+    def score(checkpoint: Path) -> dict:
+        """The trained teacher against its aims, and what it learned from, before the stage writes anything."""
+        write_json(checkpoint / TRAINED_ON, trained_on(params))
+        probes = score_probes(checkpoint, paths.probes, paths.curated, params.curate.world.shapes)
+        vision = {"vision_pretrain": pretrained} if pretrained else {}
+        return {**vision, "sha256": weights_sha256(checkpoint), "probes": probes, "checks": teacher_checks(probes)}
+
     job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=stage_files(paths, t.train.splits), seed=t.seed)
-    metrics = run_job(params, paths, job, build_init=build)
-    if pretrained:
-        metrics["vision_pretrain"] = pretrained
-    write_json(paths.teacher / TRAINED_ON, trained_on(params))
-    metrics["sha256"] = weights_sha256(paths.teacher)
-    metrics["probes"] = score_probes(paths.teacher, paths.probes, paths.curated, params.curate.world.shapes)
-    metrics["checks"] = teacher_checks(metrics["probes"])
-    write_json(paths.metrics / "teacher.json", metrics)
-    return metrics
+    return run_job(params, paths, job, build_init=build, score=score)
 
 
 def trained_on(params: Params) -> dict:

@@ -1,9 +1,12 @@
 """Run a training stage as a real DeepSpeed job, and collect what it made.
 
-Every training stage (teacher, align, mimic_dense, mimic_sparse, preference)
-calls :func:`run_job`: it writes the job spec, starts ``torchrun`` (or the
-``deepspeed`` launcher) on :mod:`model.engine` with ``world_size`` ranks, streams
-the job's output, and fails with the tail of its log on a non-zero exit.
+Every training stage (teacher, align, mimic_dense, baseline, mimic_sparse,
+preference, dft) calls :func:`run_job`, four steps: :func:`job_spec` says what
+the job trains (a typed :class:`model.config.JobSpec`, written as ``job.json``),
+:class:`ResumeState` decides between resuming and starting over, :func:`launch`
+runs ``torchrun`` (or the ``deepspeed`` launcher) on :mod:`model.engine` with
+``world_size`` ranks under the stage's MLflow run, failing with the tail of its
+log on a non-zero exit, and :func:`collect` reads what the job measured.
 
 Resumable state lives in ``paths.runs/<stage>/`` (``.cache/runs`` by default):
 re-running a stage after a crash continues from its last checkpoint, as long as
@@ -25,11 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import TEACHER_TERMS
+from model.config import TEACHER_TERMS, DPOParams, JobCache, JobData, JobSpec
 from model.lifetime import die_with_parent
 from model.teacher_cache import TeacherCache
 from tasks import tracking
-from tasks.common import STAGING, StageFailure, StagePaths, files_sha256, read_jsonl, swap_in, write_json
+from tasks.common import (
+    STAGING,
+    StageFailure,
+    StagePaths,
+    files_sha256,
+    read_jsonl,
+    swap_in,
+    write_json,
+)
 from tasks.params import REPO, Params, TrainingParams
 
 LOG_TAIL_BYTES = 6000
@@ -49,13 +60,8 @@ class Job:
     out: Path
     data_files: list[Path]
     teacher: Path | None = None
-    reference: str | None = None  # preference stage: "teacher" or "self"
-    dpo: dict | None = None
+    dpo: DPOParams | None = None  # the preference stage's loss, whose reference is the teacher or the student itself
     seed: int | None = None
-
-    @property
-    def preference(self) -> bool:
-        return self.reference is not None
 
 
 def reads_cache(section: TrainingParams) -> bool:
@@ -95,9 +101,29 @@ def deepspeed_config(section: TrainingParams) -> dict:
     return config
 
 
-def _fingerprint(spec: dict, inputs: list[Path]) -> str:
+def job_spec(params: Params, paths: StagePaths, job: Job) -> JobSpec:
+    """What the DeepSpeed job is told, from the params and the job alone (the cache's expected identity comes later)."""
+    section = job.section
+    cache = JobCache(path=str(paths.teacher_cache), top_k=section.teacher.top_k) if reads_cache(section) else None
+    return JobSpec(
+        stage=job.stage,
+        init=str(job.init),
+        # The job writes beside job.out; only a stage that finished, MLflow included, replaces it.
+        out=str(job.out.with_name(job.out.name + STAGING)),
+        run_dir=str(paths.runs / job.stage),
+        seed=params.seed if job.seed is None else job.seed,
+        train=TrainingParams.model_validate(section.model_dump(include=set(TrainingParams.model_fields))),
+        data=JobData(files=[str(f) for f in job.data_files], image_root=str(paths.curated), preference=job.dpo is not None),
+        deepspeed=deepspeed_config(section),
+        teacher=str(job.teacher) if job.teacher else None,
+        dpo=job.dpo,
+        teacher_cache=cache,
+    )
+
+
+def _fingerprint(spec: JobSpec, inputs: list[Path]) -> str:
     """Spec plus the size and mtime of every input file: a changed input or param starts the stage over."""
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest = hashlib.sha256(spec.model_dump_json().encode())
     for path in inputs:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
@@ -106,91 +132,77 @@ def _fingerprint(spec: dict, inputs: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def prepare_run(paths: StagePaths, stage: str) -> Path:
-    run_dir = paths.runs / stage
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+@dataclass
+class ResumeState:
+    """A stage's resumable attempt in ``paths.runs/<stage>/``: the spec it ran, its MLflow run, whether it finished."""
 
+    run_dir: Path
+    fingerprint: str
+    mlflow_run_id: str | None = None
+    finished: bool = False
 
-def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[Path], None] | None = None) -> dict:
-    """Train ``job`` in a DeepSpeed job; returns the stage metrics (also written to ``metrics/<stage>.json``).
-
-    ``build_init`` writes the starting checkpoint into ``job.init`` when the stage builds its own
-    (the teacher from scratch, the student from the teacher); it runs only when that folder is absent,
-    so a resumed run starts from the very same weights.
-    """
-    section = job.section
-    run_dir = prepare_run(paths, job.stage)
-    # The job writes beside job.out; only a stage that finished, MLflow included, replaces it.
-    staging = job.out.with_name(job.out.name + STAGING)
-    spec = {
-        "stage": job.stage,
-        "init": str(job.init),
-        "out": str(staging),
-        "teacher": str(job.teacher) if job.teacher else None,
-        "reference": job.reference,
-        "dpo": job.dpo,
-        "run_dir": str(run_dir),
-        "seed": params.seed if job.seed is None else job.seed,
-        "chunk_size": section.chunk_size,
-        "train": section.model_dump(mode="json"),
-        "data": {
-            "files": [str(f) for f in job.data_files],
-            "image_root": str(paths.curated),
-            "fraction": section.fraction,
-            "preference": job.preference,
-        },
-        "deepspeed": deepspeed_config(section),
-        "teacher_cache": None,
-    }
-    if reads_cache(section):
-        if not (paths.teacher_cache / "header.json").exists():
-            raise StageError(f"{job.stage}: teacher.mode is cached but {paths.teacher_cache} holds no cache; run `dvc repro teacher_cache`")
-        spec["teacher_cache"] = {"path": str(paths.teacher_cache), "top_k": section.teacher.top_k}
-    external = [p for p in [job.teacher, *job.data_files] if p is not None]
-    if spec["teacher_cache"]:
-        external.append(paths.teacher_cache / "header.json")
-    if not job.init.is_relative_to(run_dir):
-        external.append(job.init)
-    fingerprint = _fingerprint(spec, external)
-    state_file = run_dir / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("fingerprint") != fingerprint or state.get("finished"):
-        if state and not state.get("finished"):
-            print(f"{job.stage}: params or inputs changed since the interrupted attempt; starting over", flush=True)
-        shutil.rmtree(run_dir)
+    @classmethod
+    def open(cls, run_dir: Path, fingerprint: str, stage: str) -> ResumeState:
+        """The interrupted attempt of this very spec, or a clean run folder (a finished or different attempt is cleared)."""
+        file = run_dir / "state.json"
+        saved = json.loads(file.read_text()) if file.exists() else {}
+        if saved.get("fingerprint") == fingerprint and not saved.get("finished"):
+            if (run_dir / "checkpoints" / "latest").exists():
+                print(f"{stage}: an interrupted run of the same spec is in {run_dir}; resuming it", flush=True)
+            return cls(run_dir, fingerprint, saved.get("mlflow_run_id"))
+        if saved and not saved.get("finished"):
+            print(f"{stage}: params or inputs changed since the interrupted attempt; starting over", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        state = {"fingerprint": fingerprint}
-    elif (run_dir / "checkpoints" / "latest").exists():
-        print(f"{job.stage}: an interrupted run of the same spec is in {run_dir}; resuming it", flush=True)
-    if build_init is not None and not job.init.exists():
-        build_init(job.init)
-    for path in external + [job.init]:
-        if not path.exists():
-            raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
+        return cls(run_dir, fingerprint)
 
-    if spec["teacher_cache"]:
-        # Checked here, before the job starts, and by the job (the tokenizer too) before its first step.
-        spec["teacher_cache"]["expect"] = cache_identity(job.teacher, job.data_files)
-        try:
-            cache = TeacherCache(paths.teacher_cache)
-            cache.check(spec["teacher_cache"]["expect"])
-        except ValueError as error:
-            raise StageError(f"{job.stage}: {error}") from None
-        if section.teacher.top_k > cache.header["top_k"]:
-            raise StageError(f"{job.stage}.teacher.top_k is {section.teacher.top_k}, {paths.teacher_cache} holds top-{cache.header['top_k']}; run `dvc repro teacher_cache`")
-    spec_path = run_dir / "job.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    def save(self) -> None:
+        (self.run_dir / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, "mlflow_run_id": self.mlflow_run_id, "finished": self.finished}))
+
+    def finish(self) -> None:
+        """The attempt's checkpoints have done their job: a later run of the stage starts clean."""
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        self.finished = True
+        self.save()
+
+
+def _inputs(spec: JobSpec, paths: StagePaths) -> list[Path]:
+    """The files the job reads that another stage made: a change to any starts the stage over."""
+    external = [Path(p) for p in [spec.teacher, *spec.data.files] if p is not None]
+    if spec.teacher_cache:
+        external.append(paths.teacher_cache / "header.json")
+    if not Path(spec.init).is_relative_to(spec.run_dir):
+        external.append(Path(spec.init))
+    return external
+
+
+def _check_cache(spec: JobSpec, job: Job, paths: StagePaths) -> JobSpec:
+    """The spec with the cache's expected identity, checked here before the job starts (and by the job, tokenizer too)."""
+    if not spec.teacher_cache:
+        return spec
+    cache_spec = spec.teacher_cache.model_copy(update={"expect": cache_identity(job.teacher, job.data_files)})
+    try:
+        cache = TeacherCache(paths.teacher_cache)
+        cache.check(cache_spec.expect)
+    except ValueError as error:
+        raise StageError(f"{job.stage}: {error}") from None
+    if cache_spec.top_k > cache.header["top_k"]:
+        raise StageError(f"{job.stage}.teacher.top_k is {cache_spec.top_k}, {paths.teacher_cache} holds top-{cache.header['top_k']}; run `dvc repro teacher_cache`")
+    return spec.model_copy(update={"teacher_cache": cache_spec})
+
+
+def launch(params: Params, stage: str, spec_path: Path, section: TrainingParams, state: ResumeState) -> str:
+    """Run the job to its end under the stage's MLflow run (per-step rows forwarded as they land); returns the run id."""
+    run_dir = state.run_dir
     # The job boots (imports, process group) while this process opens the MLflow run.
     running = RunningJob(spec_path, section, run_dir / "job.log")
-    section_dict = {**spec["train"], "dpo": job.dpo} if job.dpo else spec["train"]
     try:
-        run_id = tracking.start_stage_run(params, job.stage, section_dict, run_id=state.get("mlflow_run_id"))
+        run_id = tracking.start_stage_run(params, stage, section.model_dump(mode="json"), run_id=state.mlflow_run_id)
     except BaseException:
         running.stop()
         raise
-    state["mlflow_run_id"] = run_id
-    state_file.write_text(json.dumps(state))
+    state.mlflow_run_id = run_id
+    state.save()
     forwarder = HistoryForwarder(params, run_id, run_dir / "history.jsonl")
     monitor = tracking.system_metrics(params, run_id)
     try:
@@ -202,18 +214,53 @@ def run_job(params: Params, paths: StagePaths, job: Job, build_init: Callable[[P
         forwarder.stop()
         if monitor is not None:
             monitor.finish()
+    return run_id
+
+
+def collect(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The finished job's metrics (its result and the last logged row as ``final``) and its per-step history."""
     result = json.loads((run_dir / "result.json").read_text())
     history = list(read_jsonl(run_dir / "history.jsonl"))
-    metrics = {**result, "final": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}
+    return {**result, "final": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}, history
+
+
+def run_job(
+    params: Params, paths: StagePaths, job: Job, build_init: Callable[[Path], None] | None = None, score: Callable[[Path], dict] | None = None
+) -> dict:
+    """Train ``job`` in a DeepSpeed job; returns the stage metrics, written once to ``metrics/<stage>.json``.
+
+    ``build_init`` writes the starting checkpoint into ``job.init`` when the stage builds its own
+    (the teacher from scratch, the student from the teacher); it runs only when that folder is absent,
+    so a resumed run starts from the very same weights. ``score`` measures the trained checkpoint
+    (given its staged folder) before anything is written: its figures join the stage's metrics.
+    """
+    spec = job_spec(params, paths, job)
+    if spec.teacher_cache and not (paths.teacher_cache / "header.json").exists():
+        raise StageError(f"{job.stage}: teacher.mode is cached but {paths.teacher_cache} holds no cache; run `dvc repro teacher_cache`")
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    inputs = _inputs(spec, paths)
+    state = ResumeState.open(run_dir, _fingerprint(spec, inputs), job.stage)
+    if build_init is not None and not job.init.exists():
+        build_init(job.init)
+    for path in inputs + [job.init]:
+        if not path.exists():
+            raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
+    spec = _check_cache(spec, job, paths)
+    spec_path = run_dir / "job.json"
+    spec_path.write_text(spec.model_dump_json(indent=2))
+    run_id = launch(params, job.stage, spec_path, job.section, state)
+
+    staged = Path(spec.out)
+    metrics, history = collect(run_dir)
+    if score is not None:
+        metrics.update(score(staged))
     write_json(paths.metrics / f"{job.stage}.json", metrics)
     plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
     write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
-    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staging)
-    swap_in(staging, job.out)
-    # Finished: the resumable state has done its job and a later run starts clean.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    state["finished"] = True
-    state_file.write_text(json.dumps(state))
+    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staged)
+    swap_in(staged, job.out)
+    state.finish()
     return metrics
 
 

@@ -62,8 +62,8 @@ def max_logit_difference(dense, moe, paths: StagePaths, checkpoint) -> float:
     image_processor = AutoProcessor.from_pretrained(checkpoint).image_processor
     dataset = ConversationDataset(records, paths.curated, tokenizer, image_processor, dense.config.image_seq_length)
     batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-    batch.pop("labels")
-    return (dense(**batch).logits - moe(**batch).logits).abs().max().item()
+    inputs = batch.model_inputs()
+    return (dense(**inputs).logits - moe(**inputs).logits).abs().max().item()
 
 
 def summary(metrics: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -10,10 +12,11 @@ import textwrap
 import pytest
 import torch
 
-from model.engine import Objective, Weights, response_tokens, token_shares
+from model.data import DistillBatch
+from model.engine import response_tokens, token_shares
 
 from .conftest import REPO
-from .test_engine import batch_with_labels
+from .test_engine import batch_with_labels, objective_of
 
 
 def uneven_batch(model, tokenizer) -> dict:
@@ -43,9 +46,9 @@ def test_micro_batches_of_a_quarter_give_the_full_batch_loss_and_gradients(tiny_
     from model.engine import LiveTeacher
 
     teacher = LiveTeacher(teacher_model) if kd else None
-    weights = Weights(ce=1.0, kl_response=0.5) if kd else Weights(ce=1.0)
-    objective = Objective(tiny_llava, teacher, weights, temperature=1.0, dpo=None, chunk_size=3)
-    batch = uneven_batch(tiny_llava, tiny_tokenizer)
+    weights = {"ce": 1.0, "kl_response": 0.5} if kd else {"ce": 1.0}
+    objective = objective_of(tiny_llava, teacher, chunk_size=3, **weights)
+    batch = DistillBatch(**uneven_batch(tiny_llava, tiny_tokenizer))
 
     full = objective(batch)["loss"]
     full.backward()
@@ -53,11 +56,13 @@ def test_micro_batches_of_a_quarter_give_the_full_batch_loss_and_gradients(tiny_
     expected = [p.grad.clone() for p in trained]
     objective.zero_grad()
 
-    micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
+    rows = uneven_batch(tiny_llava, tiny_tokenizer)
+    micro = [DistillBatch(**{k: v[i : i + 1] for k, v in rows.items()}) for i in range(4)]
     shares = token_shares([response_tokens(m) for m in micro], float(response_tokens(batch)), world=1)
     total = 0.0
     for m, share in zip(micro, shares, strict=True):
-        loss = objective({**m, "token_share": torch.tensor(share)})["loss"] / len(micro)  # as DeepSpeed scales it
+        m.token_share = torch.tensor(share)
+        loss = objective(m)["loss"] / len(micro)  # as DeepSpeed scales it
         loss.backward()
         total += loss.item()
     assert total == pytest.approx(full.item(), rel=1e-5)
@@ -66,7 +71,7 @@ def test_micro_batches_of_a_quarter_give_the_full_batch_loss_and_gradients(tiny_
 
     # Without the shares, micro-batches count equally: the shortest response weighs as much as the longest.
     objective.zero_grad()
-    unweighted = sum(objective(m)["loss"].item() / len(micro) for m in micro)
+    unweighted = sum(objective(dataclasses.replace(m, token_share=1.0))["loss"].item() / len(micro) for m in micro)
     assert abs(unweighted - full.item()) > 1e-3
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from model import world as W
 from tasks.common import StagePaths, read_jsonl
-from tasks.curate import curate, world_spec
+from tasks.curate import curate
 from tasks.params import load_params
 
 from .conftest import TINY_WORLD, conv, write_params
@@ -84,7 +84,7 @@ def test_world_curates_clean_with_probes_and_tokenizer(tmp_path):
 
 def test_a_training_record_on_a_probe_image_is_a_probe_leak(tmp_path):
     params = load_params(write_params(tmp_path / "first", TINY_WORLD))
-    spec = world_spec(params.curate)
+    spec = params.curate.world
     w = params.curate.world
     world = W.generate_world(spec, w.images.model_dump(), w.seed, w.qa_per_image, w.pope_per_image)
     leaked = tmp_path / "leak"

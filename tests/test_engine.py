@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from model.builders import build_llava
-from model.engine import LiveTeacher, Objective, Weights, check_finite, global_batch, lr_lambda, select_trainable
+from model.config import DPOParams, LossWeights, TrainingParams
+from model.data import DistillBatch, PreferenceBatch
+from model.engine import LiveTeacher, Objective, check_finite, global_batch, loss_terms, lr_lambda, select_trainable
 from model.upcycle import upcycle
 from tasks.params import TextParams, UpcycleParams, VisionParams
 
@@ -69,14 +71,21 @@ def batch_with_labels(model, tokenizer) -> dict:
     return {**batch, "labels": labels}
 
 
+def objective_of(student, teacher, chunk_size=1024, temperature=1.0, distill_all_tokens=False, vocab=None, preference=None, **weights) -> Objective:
+    """The objective a stage with these loss weights (and ``preference``'s DPO) builds: the recipe's own ``loss_terms``."""
+    train = TrainingParams(loss=LossWeights(**weights), temperature=temperature, chunk_size=chunk_size, distill_all_tokens=distill_all_tokens)
+    terms = loss_terms(train, preference, getattr(student.config.text_config, "num_experts_per_tok", 0))
+    return Objective(student, teacher, terms, chunk_size, distill_all_tokens, vocab)
+
+
 def test_every_distillation_term_is_computed_and_weighted(tiny_llava, tiny_tokenizer):
     teacher = LiveTeacher(build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=5))
     student = upcycle(tiny_llava, UpcycleParams(num_experts=4, top_k=2))
-    weights = Weights(ce=1.0, kl_response=0.5, kl_visual=0.25, relation=2.0, router_aux=0.1)
-    objective = Objective(student, teacher, weights, temperature=2.0, dpo=None, chunk_size=3)
-    terms = objective(batch_with_labels(student, tiny_tokenizer))
+    weights = {"ce": 1.0, "kl_response": 0.5, "kl_visual": 0.25, "relation": 2.0, "router_aux": 0.1}
+    objective = objective_of(student, teacher, chunk_size=3, temperature=2.0, **weights)
+    terms = objective(DistillBatch(**batch_with_labels(student, tiny_tokenizer)))
     assert set(terms) == {"loss", "ce", "kl_response", "kl_visual", "relation", "router_aux"}
-    expected = sum(getattr(weights, k) * terms[k] for k in ("ce", "kl_response", "kl_visual", "relation", "router_aux"))
+    expected = sum(weights[k] * terms[k] for k in ("ce", "kl_response", "kl_visual", "relation", "router_aux"))
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(terms[k].item() > 0 for k in ("ce", "kl_response", "kl_visual", "relation"))
     terms["loss"].backward()
@@ -98,9 +107,9 @@ def test_padded_heads_are_distilled_over_the_tokens_they_share(tiny_tokenizer):
         student.lm_head.weight[vocab:] = 50.0 * torch.randn_like(student.lm_head.weight[vocab:])
         teacher_model.lm_head.weight[vocab:] = 50.0 * torch.randn_like(teacher_model.lm_head.weight[vocab:])
     teacher = LiveTeacher(teacher_model, vocab)
-    objective = Objective(student, teacher, Weights(ce=1.0, kl_response=1.0, relation=1.0), 1.0, None, chunk_size=3, vocab=vocab)
+    objective = objective_of(student, teacher, chunk_size=3, vocab=vocab, ce=1.0, kl_response=1.0, relation=1.0)
     batch = batch_with_labels(student, tiny_tokenizer)
-    terms = objective(batch)
+    terms = objective(DistillBatch(**batch))
     response, targets = next_token_targets(batch["labels"])
     args = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
@@ -118,17 +127,17 @@ def test_a_zero_weight_skips_the_term_and_the_teacher(tiny_llava, tiny_tokenizer
         def __getattr__(self, name):
             raise AssertionError("the teacher was used although every teacher term is zero")
 
-    objective = Objective(tiny_llava, NoTeacher(), Weights(ce=1.0), temperature=1.0, dpo=None, chunk_size=1024)
-    terms = objective(batch_with_labels(tiny_llava, tiny_tokenizer))
+    objective = objective_of(tiny_llava, NoTeacher(), ce=1.0)
+    terms = objective(DistillBatch(**batch_with_labels(tiny_llava, tiny_tokenizer)))
     assert set(terms) == {"loss", "ce"}
 
 
 def test_preference_terms(tiny_llava, tiny_tokenizer):
-    objective = Objective(tiny_llava, None, Weights(dpo=1.0), 1.0, {"beta": 0.1, "loss_type": "sigmoid", "sft_weight": 0.5}, 1024)
+    objective = objective_of(tiny_llava, None, preference=DPOParams(beta=0.1, loss_type="sigmoid", sft_weight=0.5), dpo=1.0)
     one = batch_with_labels(tiny_llava, tiny_tokenizer)
-    batch = {f"{side}_{k}": one[k] for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")}
-    batch["rejected_input_ids"] = batch["rejected_input_ids"].flip(0)
-    batch.update(pixel_values=one["pixel_values"], reference_logps=torch.tensor([[-5.0, -5.0], [-6.0, -4.0]]))
+    pair = {f"{side}_{k}": one[k] for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")}
+    pair["rejected_input_ids"] = pair["rejected_input_ids"].flip(0)
+    batch = PreferenceBatch(**pair, pixel_values=one["pixel_values"], reference_logps=torch.tensor([[-5.0, -5.0], [-6.0, -4.0]]))
     terms = objective(batch)
     assert {"dpo", "sft", "reward_accuracy", "reward_margin", "policy_chosen_logps", "reference_rejected_logps"} <= set(terms)
     assert terms["loss"].item() == pytest.approx(terms["dpo"].item() + 0.5 * terms["sft"].item(), rel=1e-6)
@@ -152,9 +161,8 @@ def test_distill_all_tokens_takes_the_kl_at_every_text_position(tiny_llava, tiny
 
     teacher = LiveTeacher(build_llava(VisionParams(**TINY_VISION), TextParams(**TINY_TEXT), tiny_tokenizer, seed=5))
     batch = batch_with_labels(tiny_llava, tiny_tokenizer)
-    weights = Weights(ce=1.0, kl_response=1.0)
-    response_only = Objective(tiny_llava, teacher, weights, 1.0, None, chunk_size=3)(batch)
-    everywhere = Objective(tiny_llava, teacher, weights, 1.0, None, chunk_size=3, distill_all_tokens=True)(batch)
+    response_only = objective_of(tiny_llava, teacher, chunk_size=3, ce=1.0, kl_response=1.0)(DistillBatch(**batch))
+    everywhere = objective_of(tiny_llava, teacher, chunk_size=3, distill_all_tokens=True, ce=1.0, kl_response=1.0)(DistillBatch(**batch))
     assert everywhere["ce"].item() == pytest.approx(response_only["ce"].item(), rel=1e-6)
     with torch.no_grad():
         student = tiny_llava(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
@@ -172,3 +180,17 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_the_rate_its_steps_were
     history.write_text('{"step": 10, "samples_per_second": 50.0, "tokens_per_second": 4000.0}\n')
     assert run_rates(0, 32, 0, 0.4, history) == {"samples_per_second": 50.0, "tokens_per_second": 4000.0}  # was 0.0
     assert run_rates(10, 32, 8000, 2.0, history) == {"samples_per_second": 160.0, "tokens_per_second": 4000.0}
+
+
+def test_the_terms_that_read_the_teacher_are_the_ones_validation_knows():
+    """The engine loads a teacher for the terms whose module reads it; params validation and the cache know them by name."""
+    from model.config import TEACHER_TERMS
+
+    train = TrainingParams(loss=LossWeights(ce=1.0, kl_response=1.0, kl_visual=1.0, relation=1.0, router_aux=1.0))
+    terms = loss_terms(train, None, top_k=2)
+    assert [t.name for t in terms] == ["ce", "kl_response", "kl_visual", "relation", "router_aux"]
+    assert {t.name for t in terms if t.loss.reads_teacher} == set(TEACHER_TERMS)
+    assert [t.name for t in loss_terms(TrainingParams(loss=LossWeights(ce=1.0)), None, 0)] == ["ce"], "a zero weight is no term"
+    preference = loss_terms(TrainingParams(loss=LossWeights(dpo=1.0, router_aux=0.01)), DPOParams(beta=0.2, sft_weight=0.5), top_k=2)
+    assert [(t.name, t.weight) for t in preference] == [("dpo", 1.0), ("sft", 0.5), ("router_aux", 0.01)]
+    assert preference[0].loss.beta == 0.2 and preference[2].loss.top_k == 2

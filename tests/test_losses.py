@@ -32,19 +32,23 @@ def test_forward_kl_by_hand():
     assert L.forward_kl(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_chunked_response_losses_by_hand_and_chunking_is_exact():
+def response_means(hidden, head, targets, teacher, temperature=1.0, chunk_size=1024):
+    """ce and kl_response as the engine computes them: one chunked projection for both row terms."""
+    return L.chunked_row_means(
+        hidden, head, [(L.CrossEntropy(), lambda part: targets[part]), (L.ResponseKL(temperature), lambda part: teacher[part])], chunk_size
+    )
+
+
+def test_chunked_row_terms_by_hand_and_chunking_is_exact():
     head = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.eye(2))
     # Hidden rows are the logits themselves (identity head): student [0, ln3], teacher [0, 0].
     hidden = torch.tensor([[0.0, LN3], [0.0, LN3]], requires_grad=True)
-    out = L.chunked_response_losses(
-        hidden, head, torch.tensor([1, 0]), teacher_logits_of=lambda h: h, teacher_hidden=torch.zeros(2, 2), chunk_size=1
-    )
+    ce, kl = response_means(hidden, head, torch.tensor([1, 0]), torch.zeros(2, 2), chunk_size=1)
     # ce = mean(-ln 3/4, -ln 1/4) = (0.2876821 + 1.3862944) / 2 = 0.8369882
-    assert out.ce.item() == pytest.approx(0.8369882, abs=1e-6)
-    assert out.kl.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
-    assert out.rows == 2
+    assert ce.item() == pytest.approx(0.8369882, abs=1e-6)
+    assert kl.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
 
     torch.manual_seed(0)
     hidden = torch.randn(7, 8, requires_grad=True)
@@ -56,10 +60,12 @@ def test_chunked_response_losses_by_hand_and_chunking_is_exact():
     values = []
     for chunk in (2, 100):
         hidden.grad = None
-        r = L.chunked_response_losses(hidden, head, targets, t_head, teacher, temperature=2.0, chunk_size=chunk)
-        (r.ce + r.kl).backward()
+        with torch.no_grad():
+            t_logits = t_head(teacher)
+        ce, kl = response_means(hidden, head, targets, t_logits, temperature=2.0, chunk_size=chunk)
+        (ce + kl).backward()
         grads.append(hidden.grad.clone())
-        values.append((r.ce.item(), r.kl.item()))
+        values.append((ce.item(), kl.item()))
     assert values[0] == pytest.approx(values[1], abs=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     # And the same as the plain, unchunked formulas.
@@ -71,9 +77,9 @@ def test_chunked_response_losses_by_hand_and_chunking_is_exact():
 def test_losses_are_zero_when_nothing_is_unmasked():
     head = torch.nn.Linear(4, 5)
     empty = torch.zeros(0, 4, requires_grad=True)
-    out = L.chunked_response_losses(empty, head, torch.zeros(0, dtype=torch.long), lambda h: h, torch.zeros(0, 4))
-    assert out.ce.item() == 0.0 and out.kl.item() == 0.0 and out.rows == 0
-    out.ce.backward()  # still part of the graph
+    ce, kl = response_means(empty, head, torch.zeros(0, dtype=torch.long), torch.zeros(0, 5))
+    assert ce.item() == 0.0 and kl.item() == 0.0
+    ce.backward()  # still part of the graph
     assert L.visual_kl(torch.zeros(0, 5), torch.zeros(0, 5)).item() == 0.0
     assert L.relation_distillation(torch.zeros(0, 3, 5), torch.zeros(0, 3, 5)).item() == 0.0
     assert L.sequence_logprobs(torch.zeros(1, 3, 5), torch.full((1, 3), -100)).item() == 0.0
@@ -163,6 +169,14 @@ def test_kto_pair_gradient_flows_through_the_kl_estimates_as_in_trl():
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="temperature"):
         L.forward_kl(torch.zeros(1, 2), torch.zeros(1, 2), temperature=0)
+    with pytest.raises(ValueError, match="temperature"):
+        L.ResponseKL(temperature=0)
+    with pytest.raises(ValueError, match="top_k"):
+        L.RouterBalance(top_k=0)
+    with pytest.raises(ValueError, match="beta"):
+        L.DPOLoss(beta=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        L.DPOLoss(beta=0.1, loss_type="hinge")
     with pytest.raises(ValueError, match="beta"):
         L.preference_loss(*[torch.zeros(1)] * 4, beta=0)
     with pytest.raises(ValueError, match="loss_type"):
@@ -209,7 +223,7 @@ def test_sparse_kl_with_the_whole_vocabulary_is_the_exact_kl_and_truncation_fold
     assert (L.sparse_forward_kl(student, cut) <= L.forward_kl(student, teacher) + 1e-6).all()
 
 
-def test_chunked_response_losses_read_cached_top_k_like_live_logits():
+def test_row_terms_read_cached_top_k_like_live_logits():
     torch.manual_seed(1)
     hidden = torch.randn(7, 8, requires_grad=True)
     head, t_head = torch.nn.Linear(8, 11, bias=False), torch.nn.Linear(8, 11, bias=False)
@@ -218,10 +232,12 @@ def test_chunked_response_losses_read_cached_top_k_like_live_logits():
         logp = torch.log_softmax(t_head(teacher_hidden), dim=-1)
     top = logp.topk(11, dim=-1)
     cached = L.TopK(top.indices, top.values, torch.full((7,), float("-inf")))
-    live = L.chunked_response_losses(hidden, head, targets, t_head, teacher_hidden, chunk_size=3)
-    read = L.chunked_response_losses(hidden, head, targets, chunk_size=3, teacher_topk=cached)
-    assert read.kl.item() == pytest.approx(live.kl.item(), rel=1e-5)
-    assert read.ce.item() == pytest.approx(live.ce.item(), rel=1e-6)
+    with torch.no_grad():
+        t_logits = t_head(teacher_hidden)
+    live = response_means(hidden, head, targets, t_logits, chunk_size=3)
+    read = response_means(hidden, head, targets, cached, chunk_size=3)
+    assert read[1].item() == pytest.approx(live[1].item(), rel=1e-5)
+    assert read[0].item() == pytest.approx(live[0].item(), rel=1e-6)
 
 
 def test_chunked_relation_equals_the_full_logit_relation_and_its_gradient():
@@ -250,3 +266,22 @@ def test_chunked_sequence_logprobs_equal_the_full_logit_sums_and_gradient():
     (g_full,) = torch.autograd.grad(full.sum(), hidden)
     (g_chunked,) = torch.autograd.grad(L.chunked_sequence_logprobs(hidden, head, labels, chunk_size=2).sum(), hidden)
     assert torch.allclose(g_chunked, g_full, atol=1e-6)
+
+
+def test_the_modules_compute_their_formulas():
+    """Each term module is its formula with the hyper-parameters it was built with."""
+    torch.manual_seed(2)
+    student, teacher, targets = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
+    assert L.CrossEntropy()(student, targets).item() == pytest.approx(torch.nn.functional.cross_entropy(student, targets, reduction="sum").item(), rel=1e-6)
+    assert L.ResponseKL(2.0)(student, teacher).item() == pytest.approx(L.forward_kl(student, teacher, 2.0).sum().item(), rel=1e-6)
+    assert L.VisualKL(1.0)(student.view(2, 2, 6).reshape(-1, 6), teacher).item() / 4 == pytest.approx(
+        L.visual_kl(student.view(2, 2, 6), teacher.view(2, 2, 6)).item(), rel=1e-6
+    )
+    s, t = torch.randn(2, 9), torch.randn(2, 9)
+    assert L.RelationKD()(s, t).item() == pytest.approx(L.relation_loss(s, t).item())
+    routed = [torch.randn(5, 4), torch.randn(5, 4)]
+    assert L.RouterBalance(2)(routed).item() == pytest.approx(L.load_balancing_loss(routed, 2).item())
+    one = torch.tensor
+    out = L.DPOLoss(0.5, "ipo")(one([-4.0]), one([-6.0]), one([-8.0]), one([-4.0]), one([4]), one([2]))
+    expected = L.preference_loss(one([-4.0]), one([-6.0]), one([-8.0]), one([-4.0]), 0.5, "ipo", one([4]), one([2]))
+    assert out.losses.item() == pytest.approx(expected.losses.item())

@@ -76,8 +76,12 @@ def test_partner_hallucination_by_hand():
 def test_world_caption_probes_name_the_absent_partners():
 
     import model.world as W
+    from model.config import PairingParams, WorldParams
 
-    spec = W.WorldSpec(image_size=24, pairings=(W.Pairing("cross", "star", 0.0),), hallucination_rate=0.0, min_objects=1, max_objects=2)
+    spec = WorldParams(
+        image_size=24, shapes=["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon"], popularity={},
+        pairings=[PairingParams(anchor="cross", partner="star", probability=0.0)], hallucination_rate=0.0, min_objects=1, max_objects=2,
+    )  # fmt: skip
     records = W.generate_world(spec, {"general": 1, "multitask": 1, "preference": 1, "probes": 60}, 3, 2, 1)
     for record in records.probes["caption"]:
         expected = ["star"] if "cross" in record["objects"] and "star" not in record["objects"] else []

@@ -106,7 +106,10 @@ def test_a_few_dpo_steps_raise_the_policy_margin_above_the_reference(project):
 
     from model.builders import load_llava
     from model.data import Collator, PreferenceDataset
-    from model.engine import LiveTeacher, Objective, Weights, select_trainable
+    from model.config import DPOParams
+    from model.engine import LiveTeacher, select_trainable
+
+    from .test_engine import objective_of
 
     torch.manual_seed(0)
     records = [json.loads(line) for line in (project / "data/curated/preference.jsonl").read_text().splitlines()][:16]
@@ -117,12 +120,14 @@ def test_a_few_dpo_steps_raise_the_policy_margin_above_the_reference(project):
     dataset = PreferenceDataset(records, project / "data/curated", tokenizer, processor.image_processor, student.config.image_seq_length)
     batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     reference = LiveTeacher(load_llava(project / "models/teacher"))
-    batch["reference_logps"] = torch.stack(
-        [reference.sequence_logprobs(batch[f"{s}_input_ids"], batch["pixel_values"], batch[f"{s}_attention_mask"], batch[f"{s}_labels"]) for s in ("chosen", "rejected")],
-        dim=1,
-    )
+
+    def reference_logps(side: str) -> torch.Tensor:
+        ids, mask, labels = batch.side(side)
+        return reference.sequence_logprobs(ids, batch.pixel_values, mask, labels)
+
+    batch.reference_logps = torch.stack([reference_logps("chosen"), reference_logps("rejected")], dim=1)
     select_trainable(student, ["projector", "experts", "router", "mlp"])
-    objective = Objective(student, reference, Weights(dpo=1.0), 1.0, {"beta": 0.1, "loss_type": "sigmoid"}, 1024)
+    objective = objective_of(student, reference, preference=DPOParams(beta=0.1, loss_type="sigmoid", sft_weight=0.0), dpo=1.0)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-3)
 
     def margin() -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -9,12 +11,13 @@ import pytest
 
 from model.builders import build_llava
 from model.data import Collator
-from model.engine import LiveTeacher, Objective, Weights
+from model.data import DistillBatch
+from model.engine import LiveTeacher
 from model.teacher_cache import TeacherCache, bytes_per_token, write_cache
 from tasks.params import TextParams, VisionParams
 
 from .conftest import TINY_TEXT, TINY_VISION
-from .test_engine import batch_with_labels
+from .test_engine import batch_with_labels, objective_of
 
 
 class Records:
@@ -49,12 +52,12 @@ def cached(tiny_llava, tiny_tokenizer, tmp_path):
     return teacher, data, collate, write
 
 
-def batch_from_cache(cache: TeacherCache, data: Records, collate, top_k: int) -> dict:
+def batch_from_cache(cache: TeacherCache, data: Records, collate, top_k: int) -> DistillBatch:
     rows = cache.locate(data.records, data.encoded, "test")
     batch = collate([data[i] for i in range(len(data))])
-    batch["teacher_response"] = cache.response_rows(rows, top_k)
-    batch["teacher_visual"] = cache.visual_rows(rows, top_k)
-    batch["teacher_relation"] = cache.relation(rows)
+    batch.teacher_response = cache.response_rows(rows, top_k)
+    batch.teacher_visual = cache.visual_rows(rows, top_k)
+    batch.teacher_relation = cache.relation(rows)
     return batch
 
 
@@ -63,16 +66,16 @@ def test_the_whole_vocabulary_cached_gives_the_live_teachers_terms(tiny_llava, c
     vocab = tiny_llava.config.text_config.vocab_size
     cache, header = write(top_k=vocab)
     assert header["records"] == len(data) == 2 and header["response_rows"] == sum(sum(1 for x in labels[1:] if x != -100) for _, labels in data.encoded)
-    weights = Weights(ce=1.0, kl_response=1.0, kl_visual=1.0, relation=1.0)
+    weights = {"ce": 1.0, "kl_response": 1.0, "kl_visual": 1.0, "relation": 1.0}
     batch = batch_from_cache(cache, data, collate, vocab)
-    live = Objective(tiny_llava, LiveTeacher(teacher), weights, 1.0, None, chunk_size=3)(batch)
-    read = Objective(tiny_llava, None, weights, 1.0, None, chunk_size=3)(batch)
+    live = objective_of(tiny_llava, LiveTeacher(teacher), chunk_size=3, **weights)(dataclasses.replace(batch, teacher_response=None, teacher_visual=None, teacher_relation=None))
+    read = objective_of(tiny_llava, None, chunk_size=3, **weights)(batch)
     for term in ("ce", "kl_response", "kl_visual", "relation"):
         # float16 log-probs and relation matrices: a few parts in ten thousand
         assert read[term].item() == pytest.approx(live[term].item(), rel=2e-3, abs=1e-5), term
     # A smaller k is a coarser divergence: never above the exact one.
     small = batch_from_cache(cache, data, collate, 8)
-    coarse = Objective(tiny_llava, None, weights, 1.0, None, chunk_size=3)(small)
+    coarse = objective_of(tiny_llava, None, chunk_size=3, **weights)(small)
     assert 0 < coarse["kl_response"].item() <= live["kl_response"].item() + 1e-4
 
 

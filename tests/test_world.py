@@ -6,9 +6,13 @@ import random
 from collections import Counter
 
 from model import world as W
+from model.config import PairingParams, WorldParams
 
-SPEC = W.WorldSpec(
-    pairings=(W.Pairing("cross", "star", 0.9), W.Pairing("ring", "diamond", 0.9)),
+SPEC = WorldParams(
+    image_size=64,
+    shapes=["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon"],
+    max_objects=4,
+    pairings=[PairingParams(anchor="cross", partner="star", probability=0.9), PairingParams(anchor="ring", partner="diamond", probability=0.9)],
     hallucination_rate=0.5,
     popularity={"circle": 3.0},
 )
