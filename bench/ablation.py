@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tasks.evaluate import HEADLINE, headline
 from tasks.params import REPO
-from tasks.workspace import dvc_env, make_workspace
+from workspace import dvc_env, make_workspace
 
 # variant -> (params overrides, last DVC stage, {model key: row label})
 VARIANTS = {
@@ -283,7 +283,7 @@ def log_to_mlflow(data: dict, seeds: list[int], variants: list[str], outputs: li
         (label.split(")")[0].strip("(").replace("'", "-live") if ")" in label else label): {c: v["mean"] for c, v in e.items() if isinstance(v, dict) and "mean" in v}
         for label, e in data.items()
     }
-    tracking.finish_run(params, run_id, metrics, outputs, root=REPO)
+    tracking.finish_run(params.tracking, run_id, metrics, outputs, root=REPO)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import yaml
 
 from tasks.params import REPO, deep_merge
 from tasks.teacher import HISTORY, weights_sha256
-from tasks.workspace import dvc_env, make_workspace
+from workspace import dvc_env, make_workspace
 
 SHIPPED = REPO / "teachers" / "embedded"
 TRAIN = {"teacher": {"source": "train"}, "curate": {"tokenizer": {"source": "world"}}}

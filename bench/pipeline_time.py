@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.workspace import dvc_env, make_workspace
+from workspace import dvc_env, make_workspace
 
 
 def repro(root: Path) -> tuple[float, dict[str, float]]:

@@ -62,7 +62,7 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
     datasets.disable_progress_bars()
     e = params.evaluate
     _check_inputs(params, paths)
-    tracking.client(params)  # a dead tracking server fails now, not after the evaluation
+    tracking.client(params.tracking)  # a dead tracking server fails now, not after the evaluation
     os.environ["TINYMOD_CURATED"] = str(paths.curated)
     stock = any(not t.startswith("tinymod_") for t in e.tasks)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=stock)
@@ -79,7 +79,7 @@ def evaluate(params: Params, paths: StagePaths) -> dict:
     report = write_report(metrics, paths)
     plots = write_plots(metrics, paths)
     run_id = tracking.start_stage_run(params, "evaluate", params.evaluate.model_dump(mode="json"))
-    tracking.finish_run(params, run_id, {"models": {n: m["tasks"] for n, m in models.items()}}, [paths.metrics / "eval.json", report, *plots])
+    tracking.finish_run(params.tracking, run_id, {"models": {n: m["tasks"] for n, m in models.items()}}, [paths.metrics / "eval.json", report, *plots])
     return metrics
 
 

@@ -59,12 +59,14 @@ TRAINED_ON = "tinymod_trained_on.json"
 
 @dataclass(frozen=True)
 class StudentStage:
-    """What a student stage is: the checkpoint it writes, the one it starts from, whether its student is an MoE."""
+    """What a student stage is: the checkpoint it writes, the one it starts from, whether its student is an MoE,
+    whether it trains, and whether on preference pairs (whose DPO reference is scored once per pair, never cached)."""
 
     makes: str
     reads: str | None
     moe: bool
     trains: bool = True
+    pairs: bool = False
 
 
 # Every stage that makes a student. A recipe's `stages` is a chain of these (see Params.pipeline);
@@ -75,7 +77,7 @@ STUDENT_STAGES = {
     "baseline": StudentStage(makes="baseline", reads="align", moe=False),
     "upcycle": StudentStage(makes="upcycled", reads="dense", moe=True, trains=False),
     "mimic_sparse": StudentStage(makes="moe", reads="upcycled", moe=True),
-    "preference": StudentStage(makes="pref", reads="moe", moe=True),
+    "preference": StudentStage(makes="pref", reads="moe", moe=True, pairs=True),
     "dft": StudentStage(makes="dft", reads="dense", moe=False),
 }
 # Checkpoint folder under paths.models of every model key.
@@ -333,15 +335,15 @@ class Params(Section):
     """Stage teacher_cache: the teacher's top-k outputs over the records of every stage with teacher.mode cached."""
     align: AlignParams = AlignParams(splits=["general"], fraction=0.06, steps=150)
     """Stage align: build the student and align its projector (LLaVA-KD's DPT with distillation terms on)."""
-    mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
+    mimic_dense: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=500, teacher=TeacherUse(mode="cached"))
     """Stage mimic_dense: dense-to-dense mimic distillation."""
     upcycle: UpcycleParams = UpcycleParams()
     """Stage upcycle: the dense student becomes a sparse Mixture-of-Experts."""
-    mimic_sparse: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
+    mimic_sparse: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=250, teacher=TeacherUse(mode="cached"))
     """Stage mimic_sparse: dense-to-sparse mimic distillation."""
     preference: PreferenceParams = PreferenceParams(splits=["preference"], lr=1e-4, steps=100)
     """Stage preference: preference distillation (DPO family) with the teacher as reference."""
-    dft: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.03, steps=300)
+    dft: TrainingParams = TrainingParams(splits=["general", "multitask"], fraction=0.1, steps=250, teacher=TeacherUse(mode="cached"))
     """Stage dft: LLaVA-KD's distilled fine-tuning of the dense student (recipe llava-kd)."""
     evaluate: EvaluateParams = EvaluateParams()
     """Stage evaluate: lmms-eval on the teacher and every student."""
@@ -597,7 +599,8 @@ def _cross_checks(p: Params) -> list[Problem]:
         )
     problems += _graph_problems(p)
     for name, stage in [("teacher.train", p.teacher.train), *p.training_sections()]:
-        moe = name in STUDENT_STAGES and STUDENT_STAGES[name].moe
+        role = STUDENT_STAGES.get(name)  # None: the embedded teacher's own training
+        moe, pairs = role is not None and role.moe, role is not None and role.pairs
         if not stage.modules:
             problems.append(Problem(f"{name}.modules", "nothing to train: list at least one module (the recipe usually sets this)"))
         weights = stage.loss.model_dump()
@@ -612,15 +615,15 @@ def _cross_checks(p: Params) -> list[Problem]:
             )
         if stage.hostfile and stage.launcher != "deepspeed":
             problems.append(Problem(f"{name}.hostfile", "a hostfile needs the deepspeed launcher: set launcher: deepspeed"))
-        if name != "preference" and "preference" in stage.splits:
+        if not pairs and "preference" in stage.splits:
             problems.append(Problem(f"{name}.splits", "the preference split only feeds the preference stage"))
-        if name != "preference" and weights["dpo"]:
+        if not pairs and weights["dpo"]:
             problems.append(Problem(f"{name}.loss.dpo", "the DPO term needs preference pairs: only the preference stage may use it"))
-        if name in ("teacher.train",) and any(weights[k] for k in TEACHER_TERMS):
+        if role is None and any(weights[k] for k in TEACHER_TERMS):
             problems.append(Problem(f"{name}.loss", "the teacher has no teacher: only ce (and router_aux) apply"))
         if stage.teacher.mode == "cached":
-            if name in ("teacher.train", "preference"):
-                why = "the teacher has no teacher" if name == "teacher.train" else "preference scores its reference once per pair already"
+            if role is None or pairs:
+                why = "the teacher has no teacher" if role is None else "preference scores its reference once per pair already"
                 problems.append(Problem(f"{name}.teacher.mode", f"{why}: use mode: live"))
             if stage.distill_all_tokens:
                 problems.append(Problem(f"{name}.teacher.mode", "the cache holds response and image positions only: set distill_all_tokens: false or mode: live"))

@@ -79,7 +79,7 @@ def register(params: Params, paths: StagePaths) -> dict:
     passed = all(c["passed"] for c in checks)
     weights_hash = files_sha256(weights)
 
-    client, experiment_id = tracking.client(params)
+    client, experiment_id = tracking.client(params.tracking)
     artifacts = client.get_experiment(experiment_id).artifact_location
     if artifacts.startswith("s3://"):
         check_bucket(artifacts)  # before anything is written to the registry
@@ -120,7 +120,7 @@ def register(params: Params, paths: StagePaths) -> dict:
 
 def promote(params: Params, paths: StagePaths, note: str = "") -> dict:
     """Move ``champion`` to the current candidate (a reviewer approved it); refuses one that failed the gate."""
-    client, _ = tracking.client(params)
+    client, _ = tracking.client(params.tracking)
     name = params.register.model_name
     version = client.get_model_version_by_alias(name, "candidate")
     if version.tags.get("tinymod.gate") != "passed":
@@ -151,9 +151,9 @@ def _new_version(params: Params, paths: StagePaths, client, checkpoint: Path, we
             )
         version = client.create_model_version(params.register.model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
     except Exception:
-        tracking.finish_run(params, run_id, {}, [], failed=True)
+        tracking.finish_run(params.tracking, run_id, {}, [], failed=True)
         raise
-    tracking.finish_run(params, run_id, {"student": student_scores["tasks"]}, [])
+    tracking.finish_run(params.tracking, run_id, {"student": student_scores["tasks"]}, [])
     return version
 
 

@@ -103,7 +103,7 @@ def stage_specs(params: Params) -> dict[str, dict]:
         "teacher_cache": {
             "deps": ["recipes", "presets", curated, teacher],
             # Which records and positions are cached follows from the training stages' sections (preference is always live).
-            "params": SHARED_PARAMS + ["teacher_cache"] + [name for name, _ in params.training_sections() if name != "preference"],
+            "params": SHARED_PARAMS + ["teacher_cache"] + [name for name, _ in params.training_sections() if not STUDENT_STAGES[name].pairs],
             "outs": [_uncached(f"{metrics}/teacher_cache.json"), cache],
         },
     }

@@ -49,9 +49,8 @@ def artifact_location(tracking: Tracking, root: Path) -> str:
     return path.as_uri()
 
 
-def client(params: Params, root: Path = Path(".")):
+def client(tracking: Tracking, root: Path = Path(".")):
     """An ``MlflowClient`` on the configured store, and the experiment id (created on first use)."""
-    tracking = params.tracking
     return _client(tracking_uri(tracking, root), tracking.experiment, artifact_location(tracking, root))
 
 
@@ -141,7 +140,7 @@ def start_stage_run(params: Params, stage: str, section: dict, root: Path = Path
     """Open (or reopen, after a crash) the MLflow run of one stage; returns its id."""
     from mlflow.entities import Param, RunTag
 
-    mlflow_client, experiment_id = client(params, root)
+    mlflow_client, experiment_id = client(params.tracking, root)
     if run_id is not None:
         run = mlflow_client.get_run(run_id)
         if run.info.lifecycle_stage == "active":
@@ -164,13 +163,13 @@ def start_stage_run(params: Params, stage: str, section: dict, root: Path = Path
     return run.info.run_id
 
 
-def system_metrics(params: Params, run_id: str, root: Path = Path(".")):
+def system_metrics(tracking: Tracking, run_id: str, root: Path = Path(".")):
     """CPU, memory, disk, network (and GPU) of this machine into the run every 10 s while a job trains; None when off."""
-    if not params.tracking.system_metrics:
+    if not tracking.system_metrics:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri(params.tracking, root))
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri(tracking, root))
     monitor.start()
     return monitor
 
@@ -181,12 +180,12 @@ def pipeline_run_tag(params: Params, root: Path = Path(".")) -> str:
 
 
 def finish_run(
-    params: Params, run_id: str, metrics: dict, artifacts: list[Path], root: Path = Path("."), failed: bool = False, checkpoint: Path | None = None
+    tracking: Tracking, run_id: str, metrics: dict, artifacts: list[Path], root: Path = Path("."), failed: bool = False, checkpoint: Path | None = None
 ) -> None:
     """Log the stage's final metrics (numbers only, flattened), artifacts and checkpoint (under ``model/``), then close the run."""
     from mlflow.entities import Metric
 
-    mlflow_client, _ = client(params, root)
+    mlflow_client, _ = client(tracking, root)
     numbers = {k: float(v) for k, v in flatten(metrics, "/").items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     batch = [Metric(k, v, 0, 0) for k, v in numbers.items()]
     for start in range(0, len(batch), 500):
@@ -200,13 +199,13 @@ def finish_run(
 
 
 
-def log_steps(params: Params, run_id: str, rows: list[dict], root: Path = Path(".")) -> None:
+def log_steps(tracking: Tracking, run_id: str, rows: list[dict], root: Path = Path(".")) -> None:
     """Per-step training rows (``{"step": n, "loss": ..., ...}``) as ``train/<name>`` metrics."""
     import time
 
     from mlflow.entities import Metric
 
-    mlflow_client, _ = client(params, root)
+    mlflow_client, _ = client(tracking, root)
     now = int(time.time() * 1000)
     metrics = [Metric(f"train/{k}", float(v), now, row["step"]) for row in rows for k, v in row.items() if k != "step"]
     for start in range(0, len(metrics), 500):

@@ -41,7 +41,7 @@ from tasks.common import (
     swap_in,
     write_json,
 )
-from tasks.params import REPO, Params, TrainingParams
+from tasks.params import REPO, Params, Tracking, TrainingParams
 
 LOG_TAIL_BYTES = 6000
 
@@ -203,12 +203,12 @@ def launch(params: Params, stage: str, spec_path: Path, section: TrainingParams,
         raise
     state.mlflow_run_id = run_id
     state.save()
-    forwarder = HistoryForwarder(params, run_id, run_dir / "history.jsonl")
-    monitor = tracking.system_metrics(params, run_id)
+    forwarder = HistoryForwarder(params.tracking, run_id, run_dir / "history.jsonl")
+    monitor = tracking.system_metrics(params.tracking, run_id)
     try:
         running.wait()
     except StageError:
-        tracking.finish_run(params, run_id, {}, [run_dir / "job.log"], failed=True)
+        tracking.finish_run(params.tracking, run_id, {}, [run_dir / "job.log"], failed=True)
         raise
     finally:
         forwarder.stop()
@@ -258,7 +258,7 @@ def run_job(
     write_json(paths.metrics / f"{job.stage}.json", metrics)
     plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
     write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
-    tracking.finish_run(params, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staged)
+    tracking.finish_run(params.tracking, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staged)
     swap_in(staged, job.out)
     state.finish()
     return metrics
@@ -333,8 +333,8 @@ class RunningJob:
 class HistoryForwarder:
     """Logs the job's per-step rows (``history.jsonl``) to the stage's MLflow run as they land."""
 
-    def __init__(self, params: Params, run_id: str, path: Path, every: float = 3.0):
-        self.params, self.run_id, self.path, self.every = params, run_id, path, every
+    def __init__(self, tracking: Tracking, run_id: str, path: Path, every: float = 3.0):
+        self.tracking, self.run_id, self.path, self.every = params, run_id, path, every
         self.sent = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -350,7 +350,7 @@ class HistoryForwarder:
         rows = list(read_jsonl(self.path))
         fresh = [row for row in rows if row["step"] > self.sent]
         if fresh:
-            tracking.log_steps(self.params, self.run_id, fresh)
+            tracking.log_steps(self.tracking, self.run_id, fresh)
             self.sent = fresh[-1]["step"]
 
     def stop(self) -> None:

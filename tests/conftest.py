@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks.params import Params, load_params
-from tasks.workspace import make_workspace, write_params  # noqa: F401 - tests import write_params from here
+from bench.workspace import make_workspace, write_params  # noqa: F401 - tests import write_params from here
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent

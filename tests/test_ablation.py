@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import sys
 
 from tasks.params import REPO
 
+sys.path.insert(0, str(REPO / "bench"))  # bench scripts import their siblings (workspace), as when run as scripts
 spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
 ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablation)

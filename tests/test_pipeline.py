@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.workspace import dvc_env
+from bench.workspace import dvc_env
 
 from .conftest import make_project
 

@@ -28,7 +28,7 @@ from transformers import (
 
 from model.builders import llava_config, text_config
 from model.config import TextParams
-from tasks.workspace import dvc_env, make_workspace
+from bench.workspace import dvc_env, make_workspace
 
 REPO = Path(__file__).resolve().parent.parent
 TOWERS = {

@@ -11,7 +11,7 @@ import boto3
 import pytest
 
 from model.s3 import S3Error, check_bucket, download_prefix, endpoint_url
-from tasks.workspace import dvc_env
+from bench.workspace import dvc_env
 
 from .conftest import bucket
 
@@ -103,8 +103,8 @@ def test_a_changed_artifact_location_is_refused_not_ignored(tmp_path):
     from .conftest import write_params
 
     local = load_params(write_params(tmp_path, {"tracking": {"experiment": "moved"}}))
-    _, experiment_id = tracking.client(local, tmp_path)
+    _, experiment_id = tracking.client(local.tracking, tmp_path)
     on_s3 = load_params(write_params(tmp_path, {"tracking": {"experiment": "moved", "artifact_location": "s3://bucket/mlflow"}}))
     with pytest.raises(tracking.TrackingError, match=r"stores artifacts in file://.*but tracking.artifact_location is s3://bucket/mlflow.*new name"):
-        tracking.client(on_s3, tmp_path)
-    assert tracking.client(local, tmp_path)[1] == experiment_id
+        tracking.client(on_s3.tracking, tmp_path)
+    assert tracking.client(local.tracking, tmp_path)[1] == experiment_id

@@ -13,7 +13,7 @@ from model.tokenizer import save_tokenizer, train_tokenizer
 from tasks import teacher as teacher_stage
 from tasks.common import StagePaths
 from tasks.params import load_params
-from tasks.workspace import write_params
+from bench.workspace import write_params
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fresh copies of the pipeline, for experiments, benchmarks and tests.
+"""Fresh copies of the pipeline, for experiments, benchmarks and tests (no stage imports this).
 
 ``make_workspace(root, overrides)`` copies this checkout's pipeline (code,
 params, recipes, presets, infra) into ``root`` with ``overrides``
