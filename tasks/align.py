@@ -25,30 +25,28 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from model.builders import build_student, load_llava, save_checkpoint
 from model.vision_pretrain import pretrain_vision
-from tasks.common import StagePaths, run_stage, write_json
+from tasks.common import StagePaths, run_stage
 from tasks.params import Params
 from tasks.training import Job, run_job, stage_files, train_summary
 
 
 def align(params: Params, paths: StagePaths) -> dict:
     section = params.align
-    word_aligned: dict = {}
-
-    def build(out: Path) -> None:
+    def build(out: Path) -> dict:
         teacher = load_llava(paths.teacher)
         tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
         processor = AutoProcessor.from_pretrained(paths.teacher)
         student = build_student(teacher, section.student.text, section.student.llm, tokenizer, params.seed)
+        built = {}
         if params.word_aligns:
             w, wa = params.curate.world, section.word_align
-            word_aligned.update(
-                pretrain_vision(
-                    student, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
-                    wa.steps, wa.lr, wa.batch_size, params.seed, train_tower=False,
-                )
+            built["word_align"] = pretrain_vision(
+                student, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
+                wa.steps, wa.lr, wa.batch_size, params.seed, train_tower=False,
             )  # fmt: skip
-            print(f"align: student word-aligned, held-out cell accuracy {word_aligned['held_out_cell_accuracy']}", flush=True)
+            print(f"align: student word-aligned, held-out cell accuracy {built['word_align']['held_out_cell_accuracy']}", flush=True)
         save_checkpoint(student, processor, out)
+        return built
 
     job = Job(
         "align",
@@ -58,11 +56,7 @@ def align(params: Params, paths: StagePaths) -> dict:
         data_files=stage_files(paths, section.splits),
         teacher=paths.teacher,
     )
-    metrics = run_job(params, paths, job, build_init=build)
-    if word_aligned:
-        metrics["word_align"] = word_aligned
-        write_json(paths.metrics / "align.json", metrics)
-    return metrics
+    return run_job(params, paths, job, build_init=build)
 
 
 

@@ -46,28 +46,25 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
     t = params.teacher
 
-    pretrained: dict = {}
-
-    def build(out: Path) -> None:
+    def build(out: Path) -> dict:
         model = build_llava(t.vision, t.text, tokenizer, t.seed)
         processor = build_processor(tokenizer, model.config.vision_config)
+        built = {}
         if t.vision_pretrain.steps and params.uses_world:
             w = params.curate.world
-            pretrained.update(
-                pretrain_vision(
-                    model, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
-                    t.vision_pretrain.steps, t.vision_pretrain.lr, t.vision_pretrain.batch_size, t.seed,
-                )
+            built["vision_pretrain"] = pretrain_vision(
+                model, processor.image_processor, tokenizer, paths.world, list(w.shapes), sorted(w.colours), sorted(w.sizes),
+                t.vision_pretrain.steps, t.vision_pretrain.lr, t.vision_pretrain.batch_size, t.seed,
             )  # fmt: skip
-            print(f"teacher: vision tower pretrained, held-out cell accuracy {pretrained['held_out_cell_accuracy']}", flush=True)
+            print(f"teacher: vision tower pretrained, held-out cell accuracy {built['vision_pretrain']['held_out_cell_accuracy']}", flush=True)
         save_checkpoint(model, processor, out)
+        return built
 
     def score(checkpoint: Path) -> dict:
         """The trained teacher against its aims, and what it learned from, before the stage writes anything."""
         write_json(checkpoint / TRAINED_ON, trained_on(params))
         probes = score_probes(checkpoint, paths.probes, paths.curated, params.curate.world.shapes)
-        vision = {"vision_pretrain": pretrained} if pretrained else {}
-        return {**vision, "sha256": weights_sha256(checkpoint), "probes": probes, "checks": teacher_checks(probes)}
+        return {"sha256": weights_sha256(checkpoint), "probes": probes, "checks": teacher_checks(probes)}
 
     job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=stage_files(paths, t.train.splits), seed=t.seed)
     return run_job(params, paths, job, build_init=build, score=score)

@@ -225,13 +225,14 @@ def collect(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def run_job(
-    params: Params, paths: StagePaths, job: Job, build_init: Callable[[Path], None] | None = None, score: Callable[[Path], dict] | None = None
+    params: Params, paths: StagePaths, job: Job, build_init: Callable[[Path], dict] | None = None, score: Callable[[Path], dict] | None = None
 ) -> dict:
     """Train ``job`` in a DeepSpeed job; returns the stage metrics, written once to ``metrics/<stage>.json``.
 
     ``build_init`` writes the starting checkpoint into ``job.init`` when the stage builds its own
-    (the teacher from scratch, the student from the teacher); it runs only when that folder is absent,
-    so a resumed run starts from the very same weights. ``score`` measures the trained checkpoint
+    (the teacher from scratch, the student from the teacher) and returns what it measured doing so;
+    it runs only when that folder is absent, so a resumed run starts from the very same weights, and
+    its figures are kept beside them for the metrics of whichever attempt finishes. ``score`` measures the trained checkpoint
     (given its staged folder) before anything is written: its figures join the stage's metrics.
     """
     spec = job_spec(params, paths, job)
@@ -241,8 +242,9 @@ def run_job(
     run_dir.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(spec, paths)
     state = ResumeState.open(run_dir, _fingerprint(spec, inputs), job.stage)
+    built = run_dir / "init_metrics.json"
     if build_init is not None and not job.init.exists():
-        build_init(job.init)
+        write_json(built, build_init(job.init))
     for path in inputs + [job.init]:
         if not path.exists():
             raise StageError(f"{job.stage}: input {path} does not exist; run the stages before it (dvc repro)")
@@ -253,6 +255,8 @@ def run_job(
 
     staged = Path(spec.out)
     metrics, history = collect(run_dir)
+    if built.exists():
+        metrics.update(json.loads(built.read_text()))
     if score is not None:
         metrics.update(score(staged))
     write_json(paths.metrics / f"{job.stage}.json", metrics)
@@ -334,7 +338,7 @@ class HistoryForwarder:
     """Logs the job's per-step rows (``history.jsonl``) to the stage's MLflow run as they land."""
 
     def __init__(self, tracking: Tracking, run_id: str, path: Path, every: float = 3.0):
-        self.tracking, self.run_id, self.path, self.every = params, run_id, path, every
+        self.tracking, self.run_id, self.path, self.every = tracking, run_id, path, every
         self.sent = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)

@@ -257,3 +257,30 @@ def test_a_stage_refuses_a_dvc_yaml_rendered_for_another_recipe(tmp_path):
     assert "dvc.yaml is out of date" in out.stderr and "recipe llava-kd runs" in out.stderr and "python -m tasks.stages" in out.stderr
     out = subprocess.run([sys.executable, "-m", "tasks.upcycle", "--params", str(path)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 1 and "recipe llava-kd has no stage upcycle" in out.stderr, out.stderr
+
+
+def test_a_training_stage_hands_its_job_one_typed_spec():
+    """What the DeepSpeed job reads is model/config.py's JobSpec, built from the params alone and read back as written."""
+    from pydantic import ValidationError
+
+    from model.config import JobSpec
+    from tasks.common import StagePaths
+    from tasks.training import Job, job_spec, stage_files
+
+    params = load_params(REPO / "params.yaml")
+    paths = StagePaths(params, REPO)
+    dense = params.mimic_dense
+    job = Job("mimic_dense", dense, init=paths.student("align"), out=paths.student("dense"), data_files=stage_files(paths, dense.splits), teacher=paths.teacher)
+    spec = job_spec(params, paths, job)
+    assert spec == job_spec(params, paths, job), "a pure function of the params and the job"
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert spec.train.loss == dense.loss and spec.teacher_cache.top_k == dense.teacher.top_k and spec.reference is None
+    assert spec.out.endswith("student_dense.staging"), "the job writes beside the stage's output"
+    pref = params.preference
+    spec = job_spec(params, paths, Job("preference", pref, init=paths.student("moe"), out=paths.student("pref"), data_files=stage_files(paths, pref.splits), teacher=paths.teacher, dpo=pref.dpo))
+    assert spec.reference == "teacher" and spec.data.preference and spec.teacher_cache is None
+    assert spec.dpo == pref.dpo and "dpo" not in spec.train.model_dump(), "DPO lives in one place"
+    bad = json.loads(spec.model_dump_json())
+    bad["train"]["stepz"] = 3
+    with pytest.raises(ValidationError, match="stepz"):
+        JobSpec.model_validate(bad)
