@@ -27,12 +27,14 @@ import psutil
 import torch
 
 from model.builders import build_llava
-from model.engine import LiveTeacher, Objective, Weights, select_trainable
+from model.config import LossWeights, TrainingParams
+from model.data import DistillBatch
+from model.engine import LiveTeacher, Objective, loss_terms, select_trainable
 from model.tokenizer import train_tokenizer
 from model.upcycle import upcycle
 from tasks.params import TextParams, UpcycleParams, VisionParams
 
-WEIGHTS = Weights(ce=1.0, kl_response=1.0, kl_visual=1.0, relation=0.5, router_aux=0.01)
+WEIGHTS = LossWeights(ce=1.0, kl_response=1.0, kl_visual=1.0, relation=0.5, router_aux=0.01)
 
 
 class PeakMemory:
@@ -78,7 +80,7 @@ def models(vocab: int, device: torch.device):
     return LiveTeacher(teacher.to(device)), student.to(device)
 
 
-def batch(student, size: int, seq: int, device: torch.device) -> dict:
+def batch(student, size: int, seq: int, device: torch.device) -> DistillBatch:
     config = student.config
     n_image = config.image_seq_length
     vocab = config.text_config.vocab_size
@@ -87,11 +89,16 @@ def batch(student, size: int, seq: int, device: torch.device) -> dict:
     labels = torch.full_like(ids, -100)
     labels[:, -seq // 2 :] = ids[:, -seq // 2 :]
     side = config.vision_config.image_size
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": torch.randn(size, 3, side, side)}
-    return {k: v.to(device) for k, v in out.items()}
+    return DistillBatch(ids, torch.ones_like(ids), labels, torch.randn(size, 3, side, side)).to(device)
 
 
-def train_step(objective: Objective, data: dict, optimizer: torch.optim.Optimizer) -> None:
+def objective_for(student, teacher: LiveTeacher, weights: LossWeights, temperature: float, chunk_size: int) -> Objective:
+    """The objective a training stage with these weights builds (the engine's own ``loss_terms``)."""
+    train = TrainingParams(loss=weights, temperature=temperature, chunk_size=chunk_size)
+    return Objective(student, teacher, loss_terms(train, None, getattr(student.config.text_config, "num_experts_per_tok", 0)), chunk_size)
+
+
+def train_step(objective: Objective, data: DistillBatch, optimizer: torch.optim.Optimizer) -> None:
     loss = objective(data)["loss"]
     optimizer.zero_grad()
     loss.backward()
@@ -153,7 +160,7 @@ def real(args) -> None:
     print(f"{name}; student {active / 1e6:,.0f}M active LLM parameters, teacher {teacher_params / 1e6:,.0f}M ({teacher_params / active:.1f}x), "
           f"tower {tower / 1e6:,.0f}M; vocabulary {student.config.text_config.vocab_size:,}, batch {args.batch} x {seq} tokens (576 image)")
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
-    objective = Objective(student, teacher, Weights(ce=1.0, kl_response=1.0, router_aux=0.01), temperature=1.0, dpo=None, chunk_size=1024)
+    objective = objective_for(student, teacher, LossWeights(ce=1.0, kl_response=1.0, router_aux=0.01), temperature=1.0, chunk_size=1024)
     data = batch(student, args.batch, seq, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -206,7 +213,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
         data = batch(student, args.batch, args.seq, device)
         for chunk in (10**9, 256):
-            objective = Objective(student, teacher, WEIGHTS, temperature=2.0, dpo=None, chunk_size=chunk)
+            objective = objective_for(student, teacher, WEIGHTS, temperature=2.0, chunk_size=chunk)
             train_step(objective, data, optimizer)  # warm-up: optimizer state exists before memory is measured
             with PeakMemory(device) as memory:
                 started = time.perf_counter()

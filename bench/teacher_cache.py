@@ -134,7 +134,7 @@ def speed(student, teacher, batches: list[DistillBatch], cached_batches: list[Di
     live_step = (times["live"] + times["live again"]) / 2
     cached_step = (times["cached"] + times["cached again"]) / 2
     per_record = build_seconds / records
-    samples = batches[0]["input_ids"].shape[0]
+    samples = batches[0].input_ids.shape[0]
     ratio = sum(p.numel() for p in teacher.model.language_model.parameters()) / sum(p.numel() for p in student.model.language_model.parameters())
     print(f"\nspeed, mimic_dense's objective (ce + kl_response), batch {samples}, forward + backward; teacher:student LLM parameters {ratio:.1f}:1")
     print(f"  live teacher   {samples / live_step:7.1f} samples/s  (runs {times['live'] * 1000:.0f} / {times['live again'] * 1000:.0f} ms)")
