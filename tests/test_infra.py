@@ -71,3 +71,27 @@ def test_model_code_never_imports_tasks():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             upward += [f"{path.relative_to(REPO)}: {name}" for name in names if name == "tasks" or name.startswith("tasks.")]
     assert not upward, upward
+
+
+def test_resume_state_resumes_only_the_same_unfinished_spec(tmp_path, capsys):
+    from tasks.training import ResumeState
+
+    run = tmp_path / "mimic_dense"
+    run.mkdir()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step0000004")
+    first = ResumeState.open(run, "abc", "mimic_dense")
+    assert first.mlflow_run_id is None and not (run / "checkpoints").exists(), "no state of this spec: a clean folder"
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step0000004")
+    (run / "init_metrics.json").write_text("{}")
+    first.mlflow_run_id = "run-1"
+    first.save()
+    again = ResumeState.open(run, "abc", "mimic_dense")
+    assert again.mlflow_run_id == "run-1" and (run / "init_metrics.json").exists(), "the interrupted attempt of this spec is kept"
+    assert "resuming it" in capsys.readouterr().out
+    changed = ResumeState.open(run, "def", "mimic_dense")
+    assert changed.mlflow_run_id is None and not (run / "init_metrics.json").exists()
+    assert "params or inputs changed" in capsys.readouterr().out
+    changed.finish()
+    assert ResumeState.open(run, "def", "mimic_dense").mlflow_run_id is None, "a finished attempt is never resumed"
