@@ -62,7 +62,7 @@ def code_deps(stage: str, root: Path = REPO) -> list[str]:
     return [m.replace(".", "/") + ".py" for m in seen if m.split(".")[0] in ("model", "tasks")]
 
 
-def _training(name: str, params: Params, reads: list[str], makes: str, extra_params: list[str] | None = None) -> dict:
+def _training(name: str, reads: list[str], makes: str, extra_params: list[str] | None = None) -> dict:
     return {
         "deps": TRAINING_DEPS + reads,
         "params": SHARED_PARAMS + [name] + (extra_params or []),
@@ -111,7 +111,7 @@ def stage_specs(params: Params) -> dict[str, dict]:
         stage = STUDENT_STAGES[name]
         reads = [curated, teacher] if stage.reads is None else [curated, teacher, student(stage.reads)]
         if name == "align":
-            specs[name] = _training(name, params, [curated, f"{data}/world", teacher, cache], student("align"), ["curate.world", "curate.sources"])
+            specs[name] = _training(name, [curated, f"{data}/world", teacher, cache], student("align"), ["curate.world", "curate.sources"])
         elif name == "upcycle":
             specs[name] = {
                 "deps": [curated, student("dense")],
@@ -119,12 +119,12 @@ def stage_specs(params: Params) -> dict[str, dict]:
                 "outs": [_uncached(f"{metrics}/upcycle.json"), student("upcycled")],
             }
         elif name == "preference":
-            specs[name] = _training(name, params, reads, student("pref"), ["evaluate.limit", "curate.world.shapes"])
+            specs[name] = _training(name, reads, student("pref"), ["evaluate.limit", "curate.world.shapes"])
         else:
-            specs[name] = _training(name, params, [*reads, cache], student(stage.makes))
+            specs[name] = _training(name, [*reads, cache], student(stage.makes))
         if name == "mimic_dense":
             # The no-teacher control: mimic_dense's settings, ce only, from the aligned student.
-            specs["baseline"] = _training("baseline", params, [curated, student("align")], student("baseline"))
+            specs["baseline"] = _training("baseline", [curated, student("align")], student("baseline"))
             specs["baseline"]["params"] = SHARED_PARAMS + ["mimic_dense"]
     specs["evaluate"] = {
         "deps": ["model/lmms_tasks", f"{curated}/probes", *(f"{models}/{CHECKPOINTS[m]}" for m in params.evaluated_models)],
