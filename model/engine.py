@@ -178,8 +178,14 @@ def loss_terms(train: TrainingParams, dpo: DPOParams | None, top_k: int) -> list
             Term("kl_visual", w.kl_visual, VisualKL(train.temperature)),
             Term("relation", w.relation, RelationKD()),
         ]
-    terms.append(Term("router_aux", w.router_aux, RouterBalance(max(top_k, 1))))
+    if w.router_aux:  # validation and the recipe keep it to MoE students, whose top_k is >= 1
+        terms.append(Term("router_aux", w.router_aux, RouterBalance(top_k)))
     return [term for term in terms if term.weight > 0]
+
+
+def reads_teacher(terms: list[Term]) -> bool:
+    """Whether any term compares the student with the teacher (live, or its cached rows)."""
+    return any(term.loss.reads_teacher for term in terms)
 
 
 class Objective(torch.nn.Module):
@@ -205,6 +211,7 @@ class Objective(torch.nn.Module):
         self.student = student
         self._teacher = (teacher,)
         self.terms = {term.name: term for term in terms}
+        self.live = teacher is not None and reads_teacher(terms)  # the teacher runs in every step; else its rows come cached
         self.chunk_size = chunk_size
         self.image_token = student.config.image_token_index
 
@@ -216,10 +223,6 @@ class Objective(torch.nn.Module):
     def head(self) -> SharedVocabHead:
         """The student's LM head over the vocabulary it shares with the teacher (the tokenizer's)."""
         return self._head[0]
-
-    @property
-    def reads_teacher(self) -> bool:
-        return any(term.loss.reads_teacher for term in self.terms.values())
 
     def forward(self, batch: DistillBatch | PreferenceBatch) -> dict[str, torch.Tensor]:
         if isinstance(batch, PreferenceBatch):
@@ -240,7 +243,7 @@ class Objective(torch.nn.Module):
         pixels = batch.pixel_values.to(self.student.dtype)
         with RouterLogits(self.student) as routed:
             hidden = self.student.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
-        live = self.teacher is not None and self.reads_teacher
+        live = self.live
         teacher_hidden = self.teacher.hidden(ids, batch.pixel_values, mask) if live else None
         values: dict[str, torch.Tensor] = {}
         ce, kl = terms.get("ce"), terms.get("kl_response")
@@ -449,7 +452,7 @@ class TrainingRecipe:
         # The teacher, frozen, only if a term needs it and no cache stands in for it; the DPO
         # reference (teacher or the student's own starting point), frozen too.
         teacher = None
-        needs_teacher = any(term.loss.reads_teacher for term in self.terms) and not spec.teacher_cache
+        needs_teacher = reads_teacher(self.terms) and not spec.teacher_cache
         if needs_teacher or spec.reference == "teacher":
             teacher = self._frozen(spec.teacher, student, dtype)
         if spec.reference:

@@ -239,7 +239,6 @@ def run_job(
     if spec.teacher_cache and not (paths.teacher_cache / "header.json").exists():
         raise StageError(f"{job.stage}: teacher.mode is cached but {paths.teacher_cache} holds no cache; run `dvc repro teacher_cache`")
     run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(spec, paths)
     state = ResumeState.open(run_dir, _fingerprint(spec, inputs), job.stage)
     built = run_dir / "init_metrics.json"
