@@ -20,7 +20,7 @@ Every student is scored through the evaluate stage (lmms-eval). Writes
 reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
 logs them to MLflow (experiment tinymod-ablation).
 
-    python bench/ablation.py [--seeds 0 1 2] [--variants ...] [--workdir DIR] [--jobs 2]
+    python bench/ablation.py [--seeds 0 1 2] [--variants ...] [--workdir DIR] [--jobs 2] [--set KEY=VALUE ...]
 
 With --workdir, finished runs are kept there and a rerun skips them.
 """
@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tasks.evaluate import HEADLINE, headline
-from tasks.params import REPO
-from workspace import dvc_env, make_workspace
+from tasks.params import REPO, deep_merge
+from workspace import dotted_override, dvc_env, make_workspace
 
 # variant -> (params overrides, last DVC stage, {model key: row label})
 VARIANTS = {
@@ -93,9 +93,10 @@ def run(command: list[str], cwd: Path, threads: int | None) -> None:
         raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{process.stdout[-4000:]}")
 
 
-def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads: int | None) -> dict:
-    """The variant's scores, training time and when it ran."""
+def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads: int | None, changes: dict) -> dict:
+    """The variant's scores, training time and when it ran; ``changes`` (``--set``) go on top of the variant's overrides."""
     overrides, last_stage, models = VARIANTS[name]
+    overrides = deep_merge(overrides, changes)
     evaluate = list(models) + (["teacher"] if with_teacher else [])
     done = workdir / f"{name}-seed{seed}.json"
     if done.exists():  # a rerun with the same --workdir picks up where an interrupted one stopped
@@ -231,14 +232,19 @@ def main() -> None:
     parser.add_argument("--name", default="ablation", help="reports/<name>.md, reports/plots/<name>.png, metrics/<name>.json (default: ablation)")
     parser.add_argument("--workdir", type=Path, help="keep the workspaces here (default: a temporary folder)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores/jobs threads (default 2)")
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params change for every variant, dotted key and YAML value (mimic_dense.lr=0.003); repeatable")
     args = parser.parse_args()
+    changes: dict = {}
+    for change in args.changes:
+        changes = deep_merge(changes, dotted_override(change))
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
     # Small models leave cores idle in imports, launches and decoding; two runs at once fill them.
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         workdir = args.workdir or Path(tmp)
-        outcomes = pool.map(lambda run_: run_variant(*run_, workdir, with_teacher=run_ == runs[0], threads=threads), runs)
+        outcomes = pool.map(lambda run_: run_variant(*run_, workdir, with_teacher=run_ == runs[0], threads=threads, changes=changes), runs)
         for (name, _), result in zip(runs, outcomes, strict=True):
             results.setdefault(name, []).append(result)
             if "teacher" in result["scores"]:
@@ -250,7 +256,10 @@ def main() -> None:
         "# Ablation on the embedded world",
         "",
         f"Seeds {args.seeds}; every student scored by the evaluate stage (lmms-eval); {minutes:.0f} minutes in all.",
-        "Reproduce: `python bench/ablation.py" + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)} --name {args.name}") + "`.",
+        "Reproduce: `python bench/ablation.py"
+        + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)} --name {args.name}")
+        + "".join(f" --set {change}" for change in args.changes)
+        + "`.",
         "",
         *header,
         *rows,

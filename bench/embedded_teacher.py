@@ -26,11 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from tasks.params import REPO, deep_merge
 from tasks.teacher import HISTORY, weights_sha256
-from workspace import dvc_env, make_workspace
+from workspace import dotted_override, dvc_env, make_workspace
 
 SHIPPED = REPO / "teachers" / "embedded"
 TRAIN = {"teacher": {"source": "train"}, "curate": {"tokenizer": {"source": "world"}}}
@@ -44,17 +42,6 @@ FIGURES = [
     ("CHAIR-i", ("caption", "chair_i"), None),
     ("object recall", ("caption", "recall"), None),
 ]
-
-
-def dotted_override(change: str) -> dict:
-    """``teacher.text.heads=8`` as ``{"teacher": {"text": {"heads": 8}}}``."""
-    key, sep, value = change.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--set {change!r}: expected KEY=VALUE, e.g. teacher.text.heads=8")
-    override: dict = yaml.safe_load(value)
-    for part in reversed(key.split(".")):
-        override = {part: override}
-    return override
 
 
 def train(root: Path) -> float:

@@ -24,6 +24,17 @@ PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".git
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
 
 
+def dotted_override(change: str) -> dict:
+    """``teacher.text.heads=8`` as ``{"teacher": {"text": {"heads": 8}}}`` (a ``--set`` of the bench scripts)."""
+    key, sep, value = change.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {change!r}: expected KEY=VALUE, e.g. teacher.text.heads=8")
+    override: dict = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        override = {part: override}
+    return override
+
+
 def write_params(root: Path, overrides: dict | None = None) -> Path:
     """``root/params.yaml``: this checkout's params.yaml with ``overrides`` merged in."""
     data = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
