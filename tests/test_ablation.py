@@ -6,6 +6,8 @@ import importlib.util
 import statistics
 import sys
 
+import pytest
+
 from tasks.params import REPO
 
 sys.path.insert(0, str(REPO / "bench"))  # bench scripts import their siblings (workspace), as when run as scripts
@@ -60,3 +62,13 @@ def test_claim_verdicts():
     assert "VQA acc 0.497 vs 0.500: no loss" in lines
     assert "object recall 0.700 vs 0.900: a loss beyond the seeds' spread" in lines
     assert "(b)" not in lines and "(d)" not in lines  # rows (5) and (6) are missing: those claims are left out, not guessed
+
+
+def test_set_changes_nest_by_their_dotted_key_and_a_malformed_one_is_refused():
+    from workspace import dotted_override
+
+    assert dotted_override("mimic_dense.steps=1000") == {"mimic_dense": {"steps": 1000}}
+    assert dotted_override("upcycle.layers=[1, 3]") == {"upcycle": {"layers": [1, 3]}}
+    for malformed in ("mimic_dense.steps", "=3"):
+        with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+            dotted_override(malformed)
