@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tasks.evaluate import HEADLINE, headline
 from tasks.params import REPO, deep_merge
-from workspace import dotted_override, dvc_env, make_workspace
+from workspace import dotted_overrides, dvc_env, make_workspace
 
 # variant -> (params overrides, last DVC stage, {model key: row label})
 VARIANTS = {
@@ -99,7 +99,7 @@ def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads
     overrides = deep_merge(overrides, changes)
     evaluate = list(models) + (["teacher"] if with_teacher else [])
     done = workdir / f"{name}-seed{seed}.json"
-    if done.exists():  # a rerun with the same --workdir picks up where an interrupted one stopped
+    if done.exists() and json.loads(done.read_text()).get("overrides") == overrides:  # a rerun with the same --workdir and --set resumes
         return json.loads(done.read_text())
     started = time.time()
     shutil.rmtree(workdir / f"{name}-seed{seed}", ignore_errors=True)  # finished stages come back from DVC's run-cache
@@ -110,7 +110,7 @@ def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads
     scores = json.loads((root / "metrics/eval.json").read_text())["models"]
     seconds = {s: json.loads((root / f"metrics/{s}.json").read_text())["seconds"] for s in STAGE_METRICS if (root / f"metrics/{s}.json").exists()}
     print(f"ablation: {name} seed {seed} done in {time.time() - started:.0f} s", flush=True)
-    result = {"scores": scores, "stage_seconds": seconds, "started": started, "finished": time.time()}
+    result = {"scores": scores, "stage_seconds": seconds, "started": started, "finished": time.time(), "overrides": overrides}
     done.write_text(json.dumps(result))
     return result
 
@@ -235,9 +235,7 @@ def main() -> None:
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change for every variant, dotted key and YAML value (mimic_dense.lr=0.003); repeatable")
     args = parser.parse_args()
-    changes: dict = {}
-    for change in args.changes:
-        changes = deep_merge(changes, dotted_override(change))
+    changes = dotted_overrides(args.changes)
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
     # Small models leave cores idle in imports, launches and decoding; two runs at once fill them.
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

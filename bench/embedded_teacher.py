@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tasks.params import REPO, deep_merge
 from tasks.teacher import HISTORY, weights_sha256
-from workspace import dotted_override, dvc_env, make_workspace
+from workspace import dotted_overrides, dvc_env, make_workspace
 
 SHIPPED = REPO / "teachers" / "embedded"
 TRAIN = {"teacher": {"source": "train"}, "curate": {"tokenizer": {"source": "world"}}}
@@ -101,8 +101,7 @@ def main() -> None:
                         help="a params change to try, dotted key and YAML value (teacher.text.heads=8); repeatable")
     args = parser.parse_args()
     overrides = deep_merge(TRAIN, {"teacher": {"seed": args.seed}} if args.seed is not None else {})
-    for change in args.changes:
-        overrides = deep_merge(overrides, dotted_override(change))
+    overrides = deep_merge(overrides, dotted_overrides(args.changes))
     with tempfile.TemporaryDirectory(prefix="tinymod-teacher-") as tmp:
         root = args.source or args.keep or Path(tmp)
         if not args.source:

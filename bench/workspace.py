@@ -24,15 +24,18 @@ PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".git
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
 
 
-def dotted_override(change: str) -> dict:
-    """``teacher.text.heads=8`` as ``{"teacher": {"text": {"heads": 8}}}`` (a ``--set`` of the bench scripts)."""
-    key, sep, value = change.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--set {change!r}: expected KEY=VALUE, e.g. teacher.text.heads=8")
-    override: dict = yaml.safe_load(value)
-    for part in reversed(key.split(".")):
-        override = {part: override}
-    return override
+def dotted_overrides(changes: list[str]) -> dict:
+    """The bench scripts' ``--set`` changes merged: ``["teacher.text.heads=8"]`` as ``{"teacher": {"text": {"heads": 8}}}``."""
+    merged: dict = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {change!r}: expected KEY=VALUE, e.g. teacher.text.heads=8")
+        override: dict = yaml.safe_load(value)
+        for part in reversed(key.split(".")):
+            override = {part: override}
+        merged = deep_merge(merged, override)
+    return merged
 
 
 def write_params(root: Path, overrides: dict | None = None) -> Path:

@@ -65,10 +65,12 @@ def test_claim_verdicts():
 
 
 def test_set_changes_nest_by_their_dotted_key_and_a_malformed_one_is_refused():
-    from workspace import dotted_override
+    from workspace import dotted_overrides
 
-    assert dotted_override("mimic_dense.steps=1000") == {"mimic_dense": {"steps": 1000}}
-    assert dotted_override("upcycle.layers=[1, 3]") == {"upcycle": {"layers": [1, 3]}}
+    assert dotted_overrides(["mimic_dense.steps=1000", "mimic_dense.lr=0.003", "upcycle.layers=[1, 3]"]) == {
+        "mimic_dense": {"steps": 1000, "lr": 0.003},
+        "upcycle": {"layers": [1, 3]},
+    }
     for malformed in ("mimic_dense.steps", "=3"):
         with pytest.raises(SystemExit, match="expected KEY=VALUE"):
-            dotted_override(malformed)
+            dotted_overrides([malformed])
