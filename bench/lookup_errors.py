@@ -8,18 +8,28 @@ object's value (and which one, by reading order: the image tokens' order), or no
 object's. It also prints position accuracy by the asked object's place in reading
 order, which shows whether a failed lookup falls back on a fixed object.
 
-    python bench/lookup_errors.py [CHECKPOINT] [--questions N]
+With --attention it also shows where the lookup happens: teacher-forced on the right answers,
+for each answer word that needs the image (the colour; "at" or "in", the row and the column of
+a place), the attention head that looks most at the asked object's image token, and how much
+of its attention goes to that token and to the other objects' tokens.
+
+    python bench/lookup_errors.py [CHECKPOINT] [--questions N] [--attention]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from model import world as W
+from model.data import encode_prompt
 from model.generate import Answerer
+from model.tokenizer import IMAGE_TOKEN
 from tasks.params import REPO, load_params
 
 
@@ -38,22 +48,68 @@ def names(kind: str, obj: W.WorldObject, answer: str, others: list[W.WorldObject
     return value in answer and not any(other in answer for other in longer)
 
 
+def cell(obj: W.WorldObject) -> int:
+    return min(int(obj.y * 3), 2) * 3 + min(int(obj.x * 3), 2)
+
+
+def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject], object]]) -> None:
+    """Per answer word that needs the image: the head most on the asked object, and its attention to it and to the others."""
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # answer token index -> word: "The <shape> is" come first (indices 0-2)
+    steps = {"colour": {3: "the colour"}, "position": {3: '"at" / "in"', 5: "the row (or centre)", 6: "the column"}}
+    on_asked: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    on_others: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    for objects, image in scenes:
+        pixels = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        for obj in objects:
+            for kind, question, answer in (
+                ("colour", f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}."),
+                ("position", f"Where is the {obj.shape}?", f"The {obj.shape} is {W.where(obj)}."),
+            ):
+                prompt = encode_prompt(tokenizer, [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}], model.config.image_seq_length)
+                words = tokenizer(answer, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt + words])
+                with torch.no_grad():
+                    attentions = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions
+                image_at = (ids[0] == image_id).nonzero().flatten()
+                others = [image_at[cell(o)] for o in objects if o is not obj]
+                for k, word in steps[kind].items():
+                    if k >= len(words) - 1 or (k == 6 and " " not in obj.position):
+                        continue  # "in the centre" has no column; "at the top" none either
+                    at = len(prompt) + k - 1  # the position that predicts answer token k
+                    layers = torch.stack([a[0, :, at] for a in attentions])  # [layers, heads, T]
+                    on_asked[(kind, word)].append(layers[:, :, image_at[cell(obj)]])
+                    on_others[(kind, word)].append(layers[:, :, others].sum(-1))
+    print("  where the lookup happens (teacher-forced on the right answers; attention of the head most on the asked object):")
+    for key, answers in on_asked.items():
+        asked, rest = torch.stack(answers).mean(0), torch.stack(on_others[key]).mean(0)
+        layer, head = divmod(int((asked - rest).argmax()), asked.shape[1])
+        print(f"    {key[0]:8} {key[1]:20} layer {layer} head {head}: {asked[layer, head]:.2f} on the asked object, "
+              f"{rest[layer, head]:.2f} on the others ({len(answers)} answers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", type=Path, default=REPO / "teachers" / "embedded")
     parser.add_argument("--questions", type=int, default=600, help="questions of each kind, about")
     parser.add_argument("--seed", type=int, default=2027, help="the scenes' seed (the world's own is 1234)")
+    parser.add_argument("--attention", action="store_true", help="also show which head looks up the asked object, per answer word")
     args = parser.parse_args()
     spec = load_params(REPO / "params.yaml").curate.world
     rng = random.Random(args.seed)
     asked: list[tuple[str, int, list[W.WorldObject], str]] = []
     images = []
+    scenes: list[tuple[list[W.WorldObject], object]] = []
     while len(asked) < 2 * args.questions:
         scene = W.sample_scene(rng, spec, noisy=False)
         objects = reading_order(scene)
         if len(objects) < 2 or len({o.shape for o in objects}) != len(objects):
             continue  # one object needs no lookup; a shape twice has no single answer
         image = W.render(scene, spec)
+        scenes.append((objects, image))
         for i, obj in enumerate(objects):
             for kind, question in (("position", f"Where is the {obj.shape}?"), ("colour", f"What colour is the {obj.shape}?")):
                 asked.append((kind, i, objects, f"<image>\n{question}"))
@@ -88,6 +144,8 @@ def main() -> None:
     print("  position accuracy by (objects, place of the asked one in reading order): " + ", ".join(
         f"{k}: {right_by_place[k]}/{by_place[k]} ({right_by_place[k] / by_place[k]:.2f})" for k in sorted(by_place)
     ))  # fmt: skip
+    if args.attention:
+        attention_to_asked(args.checkpoint, scenes)
 
 
 if __name__ == "__main__":
