@@ -12,6 +12,8 @@ run-cache (the teacher has its own seed) and only the student stages train:
     dense_same_active  the same stages with a dense student as wide as the MoE's active FFN
                        (upcycled to 1 expert, top-1: a dense FFN in MoE form)
     llava_mod_live     llava_mod's mimic stages with the teacher live instead of cached (the cache's quality check)
+    llava_mod_kl_only, dense_same_active_kl_only   llava_mod and its dense control with the mimic stages'
+                       KL alone, LLaVA-MoD's released objective (the recipe adds ce on the annotations)
     llava_kd           the LLaVA-KD recipe (DPT -> SFT -> DFT), student kept dense -> student after DFT
     llava_kd_dpt_sft, llava_kd_pt_sft_dft   LLaVA-KD's schedule ablation (with no_teacher = PT -> SFT
                        and llava_kd): the recipe ending at SFT, and with PT (ce-only align) for DPT
@@ -65,6 +67,18 @@ VARIANTS = {
         {"mimic_dense": {"teacher": {"mode": "live"}}, "mimic_sparse": {"teacher": {"mode": "live"}}},
         "mimic_sparse",
         {"dense": "(2') dense KD, live teacher", "moe": "(3') MoE KD, live teacher"},
+    ),
+    # LLaVA-MoD's released mimic objective, the KL alone (the recipe adds ce on the annotations), and the dense control under it.
+    "llava_mod_kl_only": (
+        {"mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}},
+        "preference",
+        {"dense": "(2k) dense KD, the KL alone", "moe": "(3k) MoE KD, the KL alone", "pref": "(4k) + preference, after the KL alone"},
+    ),
+    "dense_same_active_kl_only": (
+        {"align": {"student": {"text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1},
+         "mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}},
+        "mimic_sparse",
+        {"moe": "(5k) dense, same active parameters as (3k), the KL alone"},
     ),
     # LLaVA-KD's own stage graph: the student stays dense, DFT's is the final one.
     "llava_kd": ({"recipe": "llava-kd"}, "dft", {"dft": "(6) LLaVA-KD: DPT -> SFT -> DFT (dense)"}),
@@ -157,6 +171,10 @@ CLAIMS = [
     ("(b) the MoE student beats the dense one at equal active parameters", "(3)", "(5)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
     ("(c) after preference distillation the student hallucinates less than the teacher", "(4)", "teacher", ["partner halluc.", "POPE F1 adv", "POPE acc adv", "CHAIR-i"]),
     ("(c) ... at no loss of understanding or recall (vs the student before it)", "(4)", "(3)", ["VQA acc", "object recall", "partner halluc.", "POPE F1 adv"]),
+    ("(a) with the KL alone (LLaVA-MoD's released script)", "(2k)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
+    ("(b) with the KL alone", "(3k)", "(5k)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
+    ("(c) with the KL alone", "(4k)", "teacher", ["partner halluc.", "POPE F1 adv", "POPE acc adv", "CHAIR-i"]),
+    ("(c) ... at no loss (vs the student before it), with the KL alone", "(4k)", "(3k)", ["VQA acc", "object recall", "partner halluc.", "POPE F1 adv"]),
     ("(d) LLaVA-KD: DPT -> SFT -> DFT beats PT -> SFT", "(6)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
     ("(d') LLaVA-KD's schedule: DPT -> SFT beats PT -> SFT", "(7)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
     ("(d') ... and PT -> SFT -> DFT beats PT -> SFT", "(8)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
