@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from model.builders import load_llava
 from model.data import Collator, ConversationDataset, stage_records
@@ -65,10 +65,10 @@ def token_kinds(record: dict, labels: list[int], end_ids: set[int], stop_ids: se
     image does not show, and its annotated answer is noise.
     """
     shapes = truth.get(record["id"])
-    kinds = []
+    turns = []
     for turn in record["conversations"][0::2]:
-        kind, shape = kind_of(turn["value"]), asked_shape(turn["value"])
-        kinds.append(f"{kind}, about a phantom" if shapes is not None and shape is not None and shape not in shapes else kind)
+        shape = asked_shape(turn["value"])
+        turns.append((kind_of(turn["value"]), shapes is not None and shape is not None and shape not in shapes))
     targets = labels[1:]
     runs: list[list[int]] = []
     for t, label in enumerate(targets):
@@ -77,17 +77,17 @@ def token_kinds(record: dict, labels: list[int], end_ids: set[int], stop_ids: se
         if not runs or t != runs[-1][-1] + 1:
             runs.append([])
         runs[-1].append(t)
-    if len(runs) != len(kinds):
-        raise ValueError(f"record {record['id']}: {len(runs)} answers in its labels, {len(kinds)} in its turns")
+    if len(runs) != len(turns):
+        raise ValueError(f"record {record['id']}: {len(runs)} answers in its labels, {len(turns)} in its turns")
     out = []
-    for run, kind in zip(runs, kinds, strict=True):
+    for run, (kind, phantom) in zip(runs, turns, strict=True):
         for i, t in enumerate(run):
             if targets[t] in end_ids:
                 out.append("end of turn")
-            elif i < RESTATED.get(kind.split(",")[0], 0) or targets[t] in stop_ids:
-                out.append(f"{kind.split(',')[0]}: no image needed")
+            elif i < RESTATED.get(kind, 0) or targets[t] in stop_ids:
+                out.append(f"{kind}: no image needed")
             else:
-                out.append(kind)
+                out.append(f"{kind}, about a phantom" if phantom else kind)
     return out
 
 
@@ -112,9 +112,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
     processor = AutoProcessor.from_pretrained(paths.teacher).image_processor
     cache = TeacherCache(paths.teacher_cache)
-    probe = load_llava(paths.teacher)
-    dataset = ConversationDataset(records, paths.curated, tokenizer, processor, probe.config.image_seq_length)
-    del probe
+    teacher_config = AutoConfig.from_pretrained(paths.teacher)
+    dataset = ConversationDataset(records, paths.curated, tokenizer, processor, teacher_config.image_seq_length)
     end_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), *tokenizer("\n", add_special_tokens=False)["input_ids"]}
     stop_ids = set(tokenizer(".", add_special_tokens=False)["input_ids"])
     truth = world_truth(paths.world / "world.json")
@@ -125,13 +124,16 @@ def main() -> None:
     p_label = (rows.logprobs.exp() * in_top).sum(-1)  # 0 when the label is outside the top k
     argmax_is_label = rows.ids[:, 0] == labels
 
+    # The KD target as a dense distribution (the tail's mass spread over no token: it is not a gradient direction).
+    vocab_size = teacher_config.text_config.vocab_size
+    teacher_p = torch.zeros(len(labels), vocab_size).scatter_(1, rows.ids, rows.logprobs.exp())
+    onehot = torch.nn.functional.one_hot(labels, vocab_size).float()
     cosines: dict[str, torch.Tensor] = {}
     collate = Collator(tokenizer.pad_token_id)
     for name in args.students:
         student = load_llava(paths.student(name)).eval().requires_grad_(False)
-        vocab_size = student.config.text_config.vocab_size
-        teacher_p = torch.zeros(len(labels), vocab_size)
-        teacher_p.scatter_(1, rows.ids, rows.logprobs.exp())
+        if student.config.text_config.vocab_size != vocab_size:
+            raise SystemExit(f"{paths.student(name)}: {student.config.text_config.vocab_size} vocabulary rows, the teacher {vocab_size}")
         out = []
         with torch.no_grad():
             for start in range(0, len(dataset), args.batch):
@@ -140,7 +142,6 @@ def main() -> None:
                 mask, _ = next_token_targets(batch.labels)
                 out.append(logits[mask].softmax(-1))
         p_student = torch.cat(out)
-        onehot = torch.nn.functional.one_hot(labels, vocab_size).float()
         cosines[name] = torch.nn.functional.cosine_similarity(p_student - teacher_p, p_student - onehot, dim=-1)
 
     groups = defaultdict(list)
