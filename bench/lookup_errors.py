@@ -9,9 +9,9 @@ object's. It also prints position accuracy by the asked object's place in readin
 order, which shows whether a failed lookup falls back on a fixed object.
 
 With --attention it also shows where the lookup happens: teacher-forced on the right answers,
-for each answer word that needs the image (the colour; "at" or "in", the row and the column of
-a place), the attention head that looks most at the asked object's image token, and how much
-of its attention goes to that token and to the other objects' tokens.
+for each answer word that needs the image (the colour; "at" or "in" and each word of a place),
+the attention head that looks most at the asked object's image token, and how much of its
+attention goes to that token and to the other objects' tokens.
 
     python bench/lookup_errors.py [CHECKPOINT] [--questions N] [--attention]
 """
@@ -33,8 +33,13 @@ from model.tokenizer import IMAGE_TOKEN
 from tasks.params import REPO, load_params
 
 
+def cell(obj: W.WorldObject) -> int:
+    """The object's grid cell, row-major: the index of its image token among the 9."""
+    return min(int(obj.y * 3), 2) * 3 + min(int(obj.x * 3), 2)
+
+
 def reading_order(scene: W.Scene) -> list[W.WorldObject]:
-    return sorted(scene.objects, key=lambda o: (min(int(o.y * 3), 2), min(int(o.x * 3), 2)))
+    return sorted(scene.objects, key=cell)
 
 
 def value_of(kind: str, obj: W.WorldObject) -> str:
@@ -48,8 +53,21 @@ def names(kind: str, obj: W.WorldObject, answer: str, others: list[W.WorldObject
     return value in answer and not any(other in answer for other in longer)
 
 
-def cell(obj: W.WorldObject) -> int:
-    return min(int(obj.y * 3), 2) * 3 + min(int(obj.x * 3), 2)
+def answer_words(tokenizer, obj: W.WorldObject) -> dict[str, dict[str, int]]:
+    """Per question kind, the index in its answer's tokens of each word that needs the image.
+
+    Found by tokenising the answer's prefixes, so the indices follow the world's answer format.
+    """
+
+    def index(prefix: str) -> int:
+        return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+    subject = f"The {obj.shape} is"
+    preposition, _, place = W.where(obj).partition(" the ")
+    words = {'"at" / "in"': index(subject), "the place's first word": index(f"{subject} {preposition} the")}
+    if " " in place:
+        words["its second word"] = index(f"{subject} {preposition} the {place.split()[0]}")
+    return {"colour": {"the colour": index(subject)}, "position": words}
 
 
 def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject], object]]) -> None:
@@ -58,8 +76,6 @@ def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject],
     processor = AutoProcessor.from_pretrained(checkpoint)
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    # answer token index -> word: "The <shape> is" come first (indices 0-2)
-    steps = {"colour": {3: "the colour"}, "position": {3: '"at" / "in"', 5: "the row (or centre)", 6: "the column"}}
     on_asked: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
     on_others: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
     for objects, image in scenes:
@@ -76,9 +92,7 @@ def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject],
                     attentions = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions
                 image_at = (ids[0] == image_id).nonzero().flatten()
                 others = [image_at[cell(o)] for o in objects if o is not obj]
-                for k, word in steps[kind].items():
-                    if k >= len(words) - 1 or (k == 6 and " " not in obj.position):
-                        continue  # "in the centre" has no column; "at the top" none either
+                for word, k in answer_words(tokenizer, obj)[kind].items():
                     at = len(prompt) + k - 1  # the position that predicts answer token k
                     layers = torch.stack([a[0, :, at] for a in attentions])  # [layers, heads, T]
                     on_asked[(kind, word)].append(layers[:, :, image_at[cell(obj)]])
@@ -87,7 +101,7 @@ def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject],
     for key, answers in on_asked.items():
         asked, rest = torch.stack(answers).mean(0), torch.stack(on_others[key]).mean(0)
         layer, head = divmod(int((asked - rest).argmax()), asked.shape[1])
-        print(f"    {key[0]:8} {key[1]:20} layer {layer} head {head}: {asked[layer, head]:.2f} on the asked object, "
+        print(f"    {key[0]:8} {key[1]:22} layer {layer} head {head}: {asked[layer, head]:.2f} on the asked object, "
               f"{rest[layer, head]:.2f} on the others ({len(answers)} answers)")
 
 
