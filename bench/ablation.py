@@ -45,6 +45,10 @@ from tasks.evaluate import HEADLINE, headline
 from tasks.params import REPO, deep_merge
 from workspace import dotted_overrides, dvc_env, make_workspace
 
+# The mimic stages on the KL alone: LLaVA-MoD's released objective (the recipe adds ce on the annotations).
+KL_ONLY = {"mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}}
+DENSE_SAME_ACTIVE = {"align": {"student": {"text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1}}
+
 # variant -> (params overrides, last DVC stage, {model key: row label})
 VARIANTS = {
     "no_teacher": (
@@ -58,7 +62,7 @@ VARIANTS = {
         {"dense": "(2) mimic_dense: dense KD", "moe": "(3) + upcycle + mimic_sparse: MoE KD", "pref": "(4) + preference distillation"},
     ),
     "dense_same_active": (
-        {"align": {"student": {"text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1}},
+        DENSE_SAME_ACTIVE,
         "mimic_sparse",
         {"moe": "(5) dense, same active parameters as (3)"},
     ),
@@ -68,15 +72,13 @@ VARIANTS = {
         "mimic_sparse",
         {"dense": "(2') dense KD, live teacher", "moe": "(3') MoE KD, live teacher"},
     ),
-    # LLaVA-MoD's released mimic objective, the KL alone (the recipe adds ce on the annotations), and the dense control under it.
     "llava_mod_kl_only": (
-        {"mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}},
+        KL_ONLY,
         "preference",
         {"dense": "(2k) dense KD, the KL alone", "moe": "(3k) MoE KD, the KL alone", "pref": "(4k) + preference, after the KL alone"},
     ),
     "dense_same_active_kl_only": (
-        {"align": {"student": {"text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1},
-         "mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}},
+        deep_merge(DENSE_SAME_ACTIVE, KL_ONLY),
         "mimic_sparse",
         {"moe": "(5k) dense, same active parameters as (3k), the KL alone"},
     ),
