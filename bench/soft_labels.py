@@ -17,6 +17,7 @@ red.", every word of "at the top left", yes/no, the count, the shape), apart fro
 answer restates from its question ("The star is") and the full stop, which need no image; and the
 end-of-turn tokens. Colour and position answers about a phantom (a partner the noisy annotation
 added and the image does not show) are counted apart: their annotated colour or place is noise.
+Kinds are read off the embedded world's question wording; other records' answers count as captions.
 
 Needs the pipeline's data/curated, data/teacher_cache and the students (``dvc repro baseline``).
 
