@@ -30,8 +30,7 @@ from model import world as W
 from model.data import IGNORE, encode_conversation, encode_prompt
 from model.generate import score_probes
 from model.tokenizer import IM_END, IMAGE_TOKEN
-from tasks.params import REPO, load_params
-from tasks.teacher import TRAINED_ON
+from tasks.params import REPO, TRAINED_ON, load_params
 
 
 def lookup_example(rng: random.Random, spec, tokenizer, image_tokens: int) -> tuple[Image.Image, list[int], list[int]]:
