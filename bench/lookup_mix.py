@@ -22,32 +22,23 @@ import time
 from pathlib import Path
 
 import torch
+from lookup_errors import lookup_scene, turn
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model import world as W
-from model.data import IGNORE, encode_conversation, encode_prompt
+from model.data import Collator, encode_conversation
 from model.generate import score_probes
-from model.tokenizer import IM_END, IMAGE_TOKEN
+from model.tokenizer import IMAGE_TOKEN
 from tasks.params import REPO, TRAINED_ON, load_params
 
 
-def lookup_example(rng: random.Random, spec, tokenizer, image_tokens: int) -> tuple[Image.Image, list[int], list[int]]:
-    """A one-turn colour or where question about one object of a fresh scene of 2-3 objects with distinct shapes."""
-    while True:
-        scene = W.sample_scene(rng, spec, noisy=False)
-        objects = list(scene.objects)
-        if len(objects) >= 2 and len({o.shape for o in objects}) == len(objects):
-            break
-    obj = rng.choice(objects)
-    if rng.random() < 0.5:
-        question, answer = f"Where is the {obj.shape}?", f"The {obj.shape} is {W.where(obj)}."
-    else:
-        question, answer = f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}."
-    prompt = encode_prompt(tokenizer, [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}], image_tokens)
-    words = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(IM_END)]
-    return W.render(scene, spec).convert("RGB"), prompt + words, [IGNORE] * len(prompt) + words
+def lookup_record(rng: random.Random, spec) -> tuple[Image.Image, list[dict]]:
+    """A one-turn colour or where question, LLaVA conversation format, about one object of a fresh lookup scene."""
+    objects, scene = lookup_scene(rng, spec)
+    question, answer = turn(rng.choice(("position", "colour")), rng.choice(objects))
+    return W.render(scene, spec).convert("RGB"), [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
 
 
 def main() -> None:
@@ -71,25 +62,20 @@ def main() -> None:
     records = [json.loads(line) for split in ("general", "multitask") for line in (world / f"{split}.jsonl").open()]
     rng = random.Random(args.seed)
 
-    def own_record() -> tuple[Image.Image, list[int], list[int]]:
+    def own_record() -> tuple[Image.Image, list[dict]]:
         record = rng.choice(records)
-        ids, labels = encode_conversation(tokenizer, record["conversations"], image_tokens)
         with Image.open(world / record["image"]) as image:
-            return image.convert("RGB"), ids, labels
+            return image.convert("RGB"), record["conversations"]
 
+    collator = Collator(tokenizer.pad_token_id)
     half = args.batch_size // 2
     start = time.perf_counter()
     model.train()
     for _ in tqdm(range(args.steps), desc="lookup mix", unit="step"):
-        batch = [own_record() for _ in range(args.batch_size - half)] + [lookup_example(rng, spec, tokenizer, image_tokens) for _ in range(half)]
-        length = max(len(ids) for _, ids, _ in batch)
-        pad = [length - len(ids) for _, ids, _ in batch]
-        loss = model(
-            input_ids=torch.tensor([ids + [tokenizer.pad_token_id] * n for (_, ids, _), n in zip(batch, pad, strict=True)]),
-            attention_mask=torch.tensor([[1] * len(ids) + [0] * n for (_, ids, _), n in zip(batch, pad, strict=True)]),
-            pixel_values=processor.image_processor(images=[image for image, _, _ in batch], return_tensors="pt")["pixel_values"],
-            labels=torch.tensor([labels + [IGNORE] * n for (_, _, labels), n in zip(batch, pad, strict=True)]),
-        ).loss
+        batch = [own_record() for _ in range(args.batch_size - half)] + [lookup_record(rng, spec) for _ in range(half)]
+        ids, mask, labels = collator.padded([encode_conversation(tokenizer, turns, image_tokens) for _, turns in batch])
+        pixels = processor.image_processor(images=[image for image, _ in batch], return_tensors="pt")["pixel_values"]
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,33 +1,46 @@
-"""bench/lookup_mix.py's lookup questions: one object of a 2-3 object scene, the loss on its answer only."""
+"""bench/lookup_mix.py's lookup questions: one object of a 2-3 object scene, in the LLaVA conversation format."""
 
 from __future__ import annotations
 
 import importlib.util
 import random
+import sys
 
-from model.data import IGNORE
-from model.tokenizer import IM_END
+from model import world as W
 from tasks.params import REPO, load_params
 
+sys.path.insert(0, str(REPO / "bench"))
 spec = importlib.util.spec_from_file_location("lookup_mix", REPO / "bench" / "lookup_mix.py")
 lookup_mix = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lookup_mix)
+cell = sys.modules["lookup_errors"].cell
 
 
-def test_lookup_questions_ask_about_one_object_of_a_scene_that_needs_a_lookup(tiny_tokenizer, monkeypatch):
+def test_lookup_scenes_hold_two_or_three_objects_of_distinct_shapes_in_reading_order():
     world = load_params(REPO / "params.yaml").curate.world
-    scenes = []
-    real_sample = lookup_mix.W.sample_scene
-    monkeypatch.setattr(lookup_mix.W, "sample_scene", lambda *a, **k: scenes.append(real_sample(*a, **k)) or scenes[-1])
     rng = random.Random(0)
     for _ in range(40):
-        image, ids, labels = lookup_mix.lookup_example(rng, world, tiny_tokenizer, image_tokens=4)
-        scene = scenes[-1]
-        assert 2 <= len(scene.objects) <= 3 and len({o.shape for o in scene.objects}) == len(scene.objects)
-        assert image.size == (world.image_size, world.image_size) and len(ids) == len(labels)
-        answered = [t for t in labels if t != IGNORE]
-        assert ids[-len(answered):] == answered and answered[-1] == tiny_tokenizer.convert_tokens_to_ids(IM_END)
-        answer = tiny_tokenizer.decode(answered[:-1])
-        named = [o for o in scene.objects if answer.startswith(f"The {o.shape} is ")]
-        assert len(named) == 1
-        assert answer in (f"The {named[0].shape} is {lookup_mix.W.where(named[0])}.", f"The {named[0].shape} is {named[0].colour}.")
+        objects, scene = lookup_mix.lookup_scene(rng, world)
+        assert 2 <= len(objects) <= 3 and len({o.shape for o in objects}) == len(objects)
+        assert [cell(o) for o in objects] == sorted(cell(o) for o in objects) and set(objects) == set(scene.objects)
+
+
+def test_the_turns_ask_for_an_objects_colour_or_place_and_answer_in_the_worlds_format():
+    star = W.WorldObject("star", "red", "small", 0.1, 0.1)
+    assert lookup_mix.turn("position", star) == ("Where is the star?", "The star is at the top left.")
+    assert lookup_mix.turn("colour", star) == ("What colour is the star?", "The star is red.")
+    assert lookup_mix.turn("position", W.WorldObject("star", "red", "small", 0.5, 0.5))[1] == "The star is in the centre."
+
+
+def test_a_lookup_record_is_one_llava_turn_about_one_object_of_both_kinds():
+    world = load_params(REPO / "params.yaml").curate.world
+    rng = random.Random(1)
+    kinds = set()
+    for _ in range(40):
+        image, turns = lookup_mix.lookup_record(rng, world)
+        assert image.size == (world.image_size, world.image_size)
+        assert [t["from"] for t in turns] == ["human", "gpt"] and turns[0]["value"].startswith("<image>\n")
+        shape = turns[0]["value"].removesuffix("?").split()[-1]
+        assert shape in world.shapes and turns[1]["value"].startswith(f"The {shape} is ")
+        kinds.add(turns[0]["value"].split("\n")[1].split()[0])
+    assert kinds == {"Where", "What"}
