@@ -16,6 +16,8 @@ Everything here is a pure function of a seed and ``curate.world``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import re
@@ -492,3 +494,20 @@ def generate_world(spec: WorldParams, counts: dict[str, int], seed: int, qa_per_
             }
         )
     return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)
+
+
+def fingerprint(spec: WorldParams, images_per_split: int = 8) -> str:
+    """SHA-256 of a small world drawn from ``spec``: its records, probes and pixels.
+
+    A trained teacher keeps it beside the ``curate.world`` it learned from. A change to this module
+    that writes other records (one more turn per conversation, another answer format) leaves
+    ``curate.world`` as it was, and without this a teacher trained on the old records would still
+    be imported as if it fitted the new ones.
+    """
+    counts = {split: images_per_split for split in ("general", "multitask", "preference", "probes")}
+    world = generate_world(spec, counts, spec.seed, spec.qa_per_image, spec.pope_per_image)
+    digest = hashlib.sha256(json.dumps([world.splits, world.probes], sort_keys=True).encode())
+    for name in sorted(world.images):
+        digest.update(name.encode())
+        digest.update(render(world.images[name], spec).tobytes())
+    return digest.hexdigest()

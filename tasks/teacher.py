@@ -14,6 +14,7 @@ Run: ``python -m tasks.teacher [--params params.yaml]``
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from model.builders import (
 from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
+from model.world import fingerprint as world_fingerprint
 from tasks.common import StagePaths, files_sha256, read_jsonl, run_stage, write_json
 from tasks.params import TRAINED_ON, Params, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
@@ -71,8 +73,12 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
 
 
 def trained_on(params: Params) -> dict:
-    """What a trained teacher learned from: the world it saw and its own recipe (shipped with its weights)."""
-    return {"curate.world": params.curate.world.model_dump(mode="json"), "teacher": params.teacher.model_dump(mode="json", exclude={"source", "sha256"})}
+    """What a trained teacher learned from: the world it saw, what model/world.py made of it, and its own recipe (shipped with its weights)."""
+    return {
+        "curate.world": params.curate.world.model_dump(mode="json"),
+        "world_fingerprint": world_fingerprint(params.curate.world),
+        "teacher": params.teacher.model_dump(mode="json", exclude={"source", "sha256"}),
+    }
 
 
 def weights_sha256(folder: Path) -> str:
@@ -90,6 +96,13 @@ def check_world(params: Params, folder: Path) -> None:
             f"teacher {folder} was trained on another world: curate.world.{', curate.world.'.join(changed)} differ. "
             "Set teacher.source: train (and curate.tokenizer.source: world) to train a teacher on this world, "
             "or restore those values."
+        )
+    seen = json.loads((folder / TRAINED_ON).read_text()).get("world_fingerprint") if (folder / TRAINED_ON).is_file() else None
+    if seen and seen != world_fingerprint(params.curate.world):
+        raise CheckpointError(
+            f"teacher {folder} was trained on records model/world.py no longer writes (world_fingerprint in {TRAINED_ON} differs), "
+            "with the same curate.world: the world's code changed since. Set teacher.source: train (and curate.tokenizer.source: world) "
+            "to train a teacher on the new records, or restore model/world.py."
         )
 
 

@@ -8,12 +8,13 @@ import re
 import pytest
 import torch
 
+from bench.workspace import write_params
+from model import world as W
 from model.builders import CheckpointError, build_processor, validate_checkpoint
 from model.tokenizer import save_tokenizer, train_tokenizer
 from tasks import teacher as teacher_stage
 from tasks.common import StagePaths
 from tasks.params import load_params
-from bench.workspace import write_params
 
 
 @pytest.fixture
@@ -126,5 +127,22 @@ def test_a_teacher_trained_on_another_world_is_refused(checkpoint, tiny_tokenize
     save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
     monkeypatch.chdir(root)
     with pytest.raises(CheckpointError, match=r"curate.world.hallucination_rate differ.*teacher.source: train"):
+        teacher_stage.teacher(params, StagePaths(params, root))
+    assert not (root / "models/teacher").exists(), "a refused teacher must not be copied in"
+
+
+def test_a_teacher_trained_on_records_the_world_code_no_longer_writes_is_refused(checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    write_params(root, {"teacher": {"source": str(checkpoint), "sha256": None}})
+    params = load_params(root / "params.yaml")
+    shipped = teacher_stage.trained_on(params)
+    (checkpoint / teacher_stage.TRAINED_ON).write_text(json.dumps(shipped))
+    save_tokenizer(tiny_tokenizer, root / "models/tokenizer")
+    monkeypatch.chdir(root)
+    teacher_stage.check_world(params, checkpoint)  # the same code and world: accepted
+    # One more word in every caption, the kind of change curate.world cannot show.
+    caption = W.caption
+    monkeypatch.setattr(W, "caption", lambda objects: "Look: " + caption(objects))
+    with pytest.raises(CheckpointError, match=r"records model/world.py no longer writes.*restore model/world.py"):
         teacher_stage.teacher(params, StagePaths(params, root))
     assert not (root / "models/teacher").exists(), "a refused teacher must not be copied in"
