@@ -496,7 +496,7 @@ def generate_world(spec: WorldParams, counts: dict[str, int], seed: int, qa_per_
     return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)
 
 
-def fingerprint(spec: WorldParams, images_per_split: int = 8) -> str:
+def fingerprint(spec: WorldParams) -> str:
     """SHA-256 of a small world drawn from ``spec``: its records, probes and pixels.
 
     A trained teacher keeps it beside the ``curate.world`` it learned from. A change to this module
@@ -504,7 +504,7 @@ def fingerprint(spec: WorldParams, images_per_split: int = 8) -> str:
     ``curate.world`` as it was, and without this a teacher trained on the old records would still
     be imported as if it fitted the new ones.
     """
-    counts = {split: images_per_split for split in ("general", "multitask", "preference", "probes")}
+    counts = {split: 8 for split in ("general", "multitask", "preference", "probes")}
     world = generate_world(spec, counts, spec.seed, spec.qa_per_image, spec.pope_per_image)
     digest = hashlib.sha256(json.dumps([world.splits, world.probes], sort_keys=True).encode())
     for name in sorted(world.images):

@@ -507,14 +507,20 @@ def _problem_from_error(error: dict, layers: list[tuple[str, dict]]) -> Problem:
     return Problem(_dotted(loc), message, where)
 
 
+def trained_on_record(teacher: Path) -> dict:
+    """What the ``teacher`` folder says it was trained on (``TRAINED_ON``); empty for a real teacher, or one made outside tinymod."""
+    record = teacher / TRAINED_ON
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
 def world_differences(teacher: Path, world: WorldParams) -> dict[str, Any]:
     """``curate.world`` keys whose value differs from the world ``teacher`` was trained on, with that value.
 
-    Empty when the folder records no world (a real teacher, or one made outside tinymod)."""
-    record = teacher / TRAINED_ON
-    if not record.is_file():
+    Empty when the folder records no world."""
+    record = trained_on_record(teacher)
+    if not record:
         return {}
-    seen = json.loads(record.read_text())["curate.world"]
+    seen = record["curate.world"]
     current = world.model_dump(mode="json")
     return {key: seen.get(key) for key in sorted(set(seen) | set(current)) if seen.get(key) != current.get(key)}
 

@@ -14,7 +14,6 @@ Run: ``python -m tasks.teacher [--params params.yaml]``
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
 from model.world import fingerprint as world_fingerprint
 from tasks.common import StagePaths, files_sha256, read_jsonl, run_stage, write_json
-from tasks.params import TRAINED_ON, Params, world_differences
+from tasks.params import TRAINED_ON, Params, trained_on_record, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
 
 HISTORY = "tinymod_history.jsonl"  # the training run's per-step log, shipped beside a trained teacher's weights
@@ -97,7 +96,7 @@ def check_world(params: Params, folder: Path) -> None:
             "Set teacher.source: train (and curate.tokenizer.source: world) to train a teacher on this world, "
             "or restore those values."
         )
-    seen = json.loads((folder / TRAINED_ON).read_text()).get("world_fingerprint") if (folder / TRAINED_ON).is_file() else None
+    seen = trained_on_record(folder).get("world_fingerprint")
     if seen and seen != world_fingerprint(params.curate.world):
         raise CheckpointError(
             f"teacher {folder} was trained on records model/world.py no longer writes (world_fingerprint in {TRAINED_ON} differs), "

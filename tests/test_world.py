@@ -152,8 +152,8 @@ def test_no_answer_can_be_read_off_earlier_turns():
     assert answers["yes"] == answers["no"] > 100, f"existence answers must be balanced: {answers}"
 
 
-
 def test_the_fingerprint_follows_the_records_and_pixels_not_the_run():
-    assert W.fingerprint(SPEC) == W.fingerprint(SPEC)
-    assert W.fingerprint(SPEC) != W.fingerprint(SPEC.model_copy(update={"background_noise": SPEC.background_noise + 1}))  # pixels only
-    assert W.fingerprint(SPEC) != W.fingerprint(SPEC.model_copy(update={"qa_per_image": SPEC.qa_per_image - 1}))  # records only
+    fingerprint = W.fingerprint(SPEC)
+    assert W.fingerprint(SPEC) == fingerprint
+    assert W.fingerprint(SPEC.model_copy(update={"background_noise": SPEC.background_noise + 1})) != fingerprint  # pixels only
+    assert W.fingerprint(SPEC.model_copy(update={"qa_per_image": SPEC.qa_per_image - 1})) != fingerprint  # records only
