@@ -42,22 +42,6 @@ def reading_order(scene: W.Scene) -> list[W.WorldObject]:
     return sorted(scene.objects, key=cell)
 
 
-def lookup_scene(rng: random.Random, spec) -> tuple[list[W.WorldObject], W.Scene]:
-    """A fresh scene whose questions need a lookup: 2-3 objects with distinct shapes, in reading order."""
-    while True:
-        scene = W.sample_scene(rng, spec, noisy=False)
-        objects = reading_order(scene)
-        if len(objects) >= 2 and len({o.shape for o in objects}) == len(objects):
-            return objects, scene  # one object needs no lookup; a shape twice has no single answer
-
-
-def turn(kind: str, obj: W.WorldObject) -> tuple[str, str]:
-    """The world's question about ``obj``'s colour or place, and its right answer."""
-    if kind == "position":
-        return f"Where is the {obj.shape}?", f"The {obj.shape} is {W.where(obj)}."
-    return f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}."
-
-
 def value_of(kind: str, obj: W.WorldObject) -> str:
     return W.where(obj) if kind == "position" else obj.colour
 
@@ -98,7 +82,7 @@ def attention_to_asked(checkpoint: Path, scenes: list[tuple[list[W.WorldObject],
         pixels = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
         for obj in objects:
             for kind in ("colour", "position"):
-                question, answer = turn(kind, obj)
+                question, answer = W.lookup_turn(kind, obj)
                 prompt = encode_prompt(tokenizer, [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}], model.config.image_seq_length)
                 words = tokenizer(answer, add_special_tokens=False)["input_ids"]
                 ids = torch.tensor([prompt + words])
@@ -132,12 +116,12 @@ def main() -> None:
     images = []
     scenes: list[tuple[list[W.WorldObject], object]] = []
     while len(asked) < 2 * args.questions:
-        objects, scene = lookup_scene(rng, spec)
+        objects, scene = W.lookup_scene(rng, spec)
         image = W.render(scene, spec)
         scenes.append((objects, image))
         for i, obj in enumerate(objects):
             for kind in ("position", "colour"):
-                asked.append((kind, i, objects, f"<image>\n{turn(kind, obj)[0]}"))
+                asked.append((kind, i, objects, f"<image>\n{W.lookup_turn(kind, obj)[0]}"))
                 images.append(image)
     answerer = Answerer(args.checkpoint)
     answers: list[str] = []

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from lookup_errors import lookup_scene, turn
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -36,8 +35,8 @@ from tasks.params import REPO, TRAINED_ON, load_params
 
 def lookup_record(rng: random.Random, spec) -> tuple[Image.Image, list[dict]]:
     """A one-turn colour or where question, LLaVA conversation format, about one object of a fresh lookup scene."""
-    objects, scene = lookup_scene(rng, spec)
-    question, answer = turn(rng.choice(("position", "colour")), rng.choice(objects))
+    objects, scene = W.lookup_scene(rng, spec)
+    question, answer = W.lookup_turn(rng.choice(W.LOOKUP_KINDS), rng.choice(objects))
     return W.render(scene, spec).convert("RGB"), [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
 
 

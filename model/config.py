@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 TEACHER_TERMS = ("kl_response", "kl_visual", "relation")  # the loss terms that read the teacher
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
-Split = Literal["general", "multitask", "preference"]
+Split = Literal["general", "multitask", "preference", "lookup"]
 Module = Literal[
     "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
 ]
@@ -96,6 +96,9 @@ class WorldImages(Section):
     """Images with a preference pair each: a faithful answer (chosen) and a hallucinated or wrong one (rejected)."""
     probes: int = Field(300, ge=1)
     """Held-out images for evaluation probes: POPE, VQA, captions with ground-truth objects."""
+    lookup: int = Field(4000, ge=0)
+    """Images of 2-3 objects with distinct shapes, each with a one-turn colour and a one-turn place question
+    per object (the lookup split): the embedded teacher's second training phase, `teacher.lookup`."""
 
 
 class WorldParams(Section):

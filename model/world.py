@@ -427,7 +427,7 @@ def generate_world(spec: WorldParams, counts: dict[str, int], seed: int, qa_per_
     """Scenes and LLaVA-format records for every split; training text from noisy annotations, probes from ground truth."""
     rng = random.Random(seed)
     images: dict[str, Scene] = {}
-    splits: dict[str, list[dict]] = {"general": [], "multitask": [], "preference": []}
+    splits: dict[str, list[dict]] = {"general": [], "multitask": [], "preference": [], "lookup": []}
     probe_scenes: list[tuple[str, Scene]] = []
     for split in ("general", "multitask", "preference", "probes"):
         for i in range(counts[split]):
@@ -493,7 +493,35 @@ def generate_world(spec: WorldParams, counts: dict[str, int], seed: int, qa_per_
                 "absent_partners": sorted({p.partner for p in spec.pairings if p.anchor in scene.shapes} - scene.shapes),
             }
         )
+    # Drawn last, from their own seed, and kept out of the frequencies: the lookup split leaves every
+    # other split and probe as it was, and POPE's popular and adversarial negatives with them.
+    lookup_rng = random.Random(f"{seed}/lookup")
+    for i in range(counts.get("lookup", 0)):
+        objects, scene = lookup_scene(lookup_rng, spec)
+        name = f"images/lookup-{i:06d}.png"
+        images[name] = scene
+        for j, (question, answer) in enumerate(lookup_turn(kind, obj) for obj in objects for kind in LOOKUP_KINDS):
+            splits["lookup"].append({"id": f"world-lookup-{i:06d}-{j}", "image": name, "conversations": [_human(question, True), _gpt(answer)]})
     return WorldRecords(splits=splits, probes=probes, images=images, frequency=frequency, cooccurrence=cooc)
+
+
+LOOKUP_KINDS = ("position", "colour")
+
+
+def lookup_scene(rng: random.Random, spec: WorldParams) -> tuple[list[WorldObject], Scene]:
+    """A scene whose colour and place questions need a lookup: 2-3 objects with distinct shapes, in reading order, annotations true."""
+    while True:
+        scene = sample_scene(rng, spec, noisy=False)
+        objects = _reading_order(scene.objects)
+        if len(objects) >= 2 and len({o.shape for o in objects}) == len(objects):
+            return objects, scene  # one object needs no lookup; a shape twice has no single answer
+
+
+def lookup_turn(kind: str, obj: WorldObject) -> tuple[str, str]:
+    """The multitask split's own question about ``obj``'s colour or place, and its right answer."""
+    if kind == "position":
+        return f"Where is the {obj.shape}?", f"The {obj.shape} is {where(obj)}."
+    return f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}."
 
 
 def fingerprint(spec: WorldParams) -> str:
@@ -504,7 +532,7 @@ def fingerprint(spec: WorldParams) -> str:
     ``curate.world`` as it was, and without this a teacher trained on the old records would still
     be imported as if it fitted the new ones.
     """
-    counts = {split: 8 for split in ("general", "multitask", "preference", "probes")}
+    counts = {split: 8 for split in ("general", "multitask", "preference", "probes", "lookup")}
     world = generate_world(spec, counts, spec.seed, spec.qa_per_image, spec.pope_per_image)
     digest = hashlib.sha256(json.dumps([world.splits, world.probes], sort_keys=True).encode())
     for name in sorted(world.images):

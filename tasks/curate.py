@@ -69,7 +69,7 @@ REASONS = {
     "too_long": "longer than curate.max_tokens",
     "probe_leak": "image is an evaluation-probe image",
 }
-TRAIN_SPLITS = ("general", "multitask", "preference")
+TRAIN_SPLITS = ("general", "multitask", "preference", "lookup")
 
 
 class CurateError(StageFailure):

@@ -67,8 +67,15 @@ def train_teacher(params: Params, paths: StagePaths) -> dict:
         probes = score_probes(checkpoint, paths.probes, paths.curated, params.curate.world.shapes)
         return {"sha256": weights_sha256(checkpoint), "probes": probes, "checks": teacher_checks(probes)}
 
-    job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=stage_files(paths, t.train.splits), seed=t.seed)
-    return run_job(params, paths, job, build_init=build, score=score)
+    data = stage_files(paths, t.train.splits)
+    if t.lookup is None:
+        job = Job("teacher", t.train, init=paths.runs / "teacher" / "init", out=paths.teacher, data_files=data, seed=t.seed)
+        return run_job(params, paths, job, build_init=build, score=score)
+    first = paths.runs / "teacher_phase1"
+    phase1 = run_job(params, paths, Job("teacher_phase1", t.train, init=first / "init", out=first / "model", data_files=data, seed=t.seed, phase=True), build_init=build)
+    history = phase1.pop("history")
+    second = Job("teacher", t.lookup, init=first / "model", out=paths.teacher, data_files=stage_files(paths, t.lookup.splits), seed=t.seed, earlier_history=history)
+    return run_job(params, paths, second, score=lambda checkpoint: {**score(checkpoint), "phase1": phase1})
 
 
 def trained_on(params: Params) -> dict:

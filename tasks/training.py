@@ -25,7 +25,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.config import TEACHER_TERMS, DPOParams, JobCache, JobData, JobSpec
@@ -62,6 +62,11 @@ class Job:
     teacher: Path | None = None
     dpo: DPOParams | None = None  # the preference stage's loss, whose reference is the teacher or the student itself
     seed: int | None = None
+    # An earlier phase of a stage (the teacher's first): it writes no stage outputs, its metrics and
+    # history go back to the stage, and a finished attempt of the same spec is reused, so a crash in
+    # a later phase does not redo it.
+    phase: bool = False
+    earlier_history: list[dict] = field(default_factory=list)  # earlier phases' rows, before this job's in the loss curve
 
 
 def reads_cache(section: TrainingParams) -> bool:
@@ -156,6 +161,13 @@ class ResumeState:
         run_dir.mkdir(parents=True)
         return cls(run_dir, fingerprint)
 
+    @staticmethod
+    def done(run_dir: Path, fingerprint: str) -> bool:
+        """Whether an attempt of this very spec finished in ``run_dir``."""
+        file = run_dir / "state.json"
+        saved = json.loads(file.read_text()) if file.exists() else {}
+        return saved.get("fingerprint") == fingerprint and bool(saved.get("finished"))
+
     def save(self) -> None:
         (self.run_dir / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, "mlflow_run_id": self.mlflow_run_id, "finished": self.finished}))
 
@@ -240,7 +252,11 @@ def run_job(
         raise StageError(f"{job.stage}: teacher.mode is cached but {paths.teacher_cache} holds no cache; run `dvc repro teacher_cache`")
     run_dir = Path(spec.run_dir)
     inputs = _inputs(spec, paths)
-    state = ResumeState.open(run_dir, _fingerprint(spec, inputs), job.stage)
+    fingerprint = _fingerprint(spec, inputs)
+    if job.phase and ResumeState.done(run_dir, fingerprint) and job.out.exists():
+        print(f"{job.stage}: finished before with the same spec; reusing {job.out}", flush=True)
+        return json.loads((run_dir / "metrics.json").read_text())
+    state = ResumeState.open(run_dir, fingerprint, job.stage)
     built = run_dir / "init_metrics.json"
     if build_init is not None and not job.init.exists():
         write_json(built, build_init(job.init))
@@ -258,10 +274,17 @@ def run_job(
         metrics.update(json.loads(built.read_text()))
     if score is not None:
         metrics.update(score(staged))
-    write_json(paths.metrics / f"{job.stage}.json", metrics)
-    plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
-    write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
-    tracking.finish_run(params.tracking, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staged)
+    if job.phase:
+        metrics["history"] = history
+        write_json(run_dir / "metrics.json", metrics)
+        tracking.finish_run(params.tracking, run_id, {k: v for k, v in metrics.items() if k != "history"}, [run_dir / "job.log"])
+    else:
+        offset = job.earlier_history[-1]["step"] if job.earlier_history else 0
+        history = job.earlier_history + [{**row, "step": row["step"] + offset} for row in history]
+        write_json(paths.metrics / f"{job.stage}.json", metrics)
+        plot = plot_history(history, paths.plots / f"{job.stage}_loss.png", job.stage)
+        write_json(paths.metrics / "history" / f"{job.stage}.json", history)  # the loss curve for `dvc plots`
+        tracking.finish_run(params.tracking, run_id, metrics, [paths.metrics / f"{job.stage}.json", plot, run_dir / "job.log"], checkpoint=staged)
     swap_in(staged, job.out)
     state.finish()
     return metrics

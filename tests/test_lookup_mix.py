@@ -1,4 +1,4 @@
-"""bench/lookup_mix.py's lookup questions: one object of a 2-3 object scene, in the LLaVA conversation format."""
+"""bench/lookup_mix.py's lookup questions: one object of a 2-3 object scene, in the LLaVA conversation format (the scenes and turns: test_world.py)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,6 @@ sys.path.insert(0, str(REPO / "bench"))
 spec = importlib.util.spec_from_file_location("lookup_mix", REPO / "bench" / "lookup_mix.py")
 lookup_mix = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lookup_mix)
-cell = sys.modules["lookup_errors"].cell
-
-
-def test_lookup_scenes_hold_two_or_three_objects_of_distinct_shapes_in_reading_order():
-    world = load_params(REPO / "params.yaml").curate.world
-    rng = random.Random(0)
-    for _ in range(40):
-        objects, scene = lookup_mix.lookup_scene(rng, world)
-        assert 2 <= len(objects) <= 3 and len({o.shape for o in objects}) == len(objects)
-        assert [cell(o) for o in objects] == sorted(cell(o) for o in objects) and set(objects) == set(scene.objects)
-
-
-def test_the_turns_ask_for_an_objects_colour_or_place_and_answer_in_the_worlds_format():
-    star = W.WorldObject("star", "red", "small", 0.1, 0.1)
-    assert lookup_mix.turn("position", star) == ("Where is the star?", "The star is at the top left.")
-    assert lookup_mix.turn("colour", star) == ("What colour is the star?", "The star is red.")
-    assert lookup_mix.turn("position", W.WorldObject("star", "red", "small", 0.5, 0.5))[1] == "The star is in the centre."
 
 
 def test_a_lookup_record_is_one_llava_turn_about_one_object_of_both_kinds():

@@ -157,3 +157,38 @@ def test_the_fingerprint_follows_the_records_and_pixels_not_the_run():
     assert W.fingerprint(SPEC) == fingerprint
     assert W.fingerprint(SPEC.model_copy(update={"background_noise": SPEC.background_noise + 1})) != fingerprint  # pixels only
     assert W.fingerprint(SPEC.model_copy(update={"qa_per_image": SPEC.qa_per_image - 1})) != fingerprint  # records only
+
+
+def test_lookup_scenes_hold_two_or_three_objects_of_distinct_shapes_in_reading_order():
+    rng = random.Random(0)
+    for _ in range(40):
+        objects, scene = W.lookup_scene(rng, WorldParams())
+        assert 2 <= len(objects) <= 3 and len({o.shape for o in objects}) == len(objects) and not scene.phantoms
+        rows = [(min(int(o.y * 3), 2), min(int(o.x * 3), 2)) for o in objects]
+        assert rows == sorted(rows) and set(objects) == set(scene.objects)
+
+
+def test_the_lookup_turns_ask_for_an_objects_colour_or_place_in_the_multitask_splits_words():
+    star = W.WorldObject("star", "red", "small", 0.1, 0.1)
+    assert W.lookup_turn("position", star) == ("Where is the star?", "The star is at the top left.")
+    assert W.lookup_turn("colour", star) == ("What colour is the star?", "The star is red.")
+    assert W.lookup_turn("position", W.WorldObject("star", "red", "small", 0.5, 0.5))[1] == "The star is in the centre."
+    multitask = W.generate_world(SPEC, COUNTS, seed=3, qa_per_image=5, pope_per_image=3).splits["multitask"]
+    asked = {(q["value"].split("\n")[-1], a["value"]) for r in multitask for q, a in zip(r["conversations"][::2], r["conversations"][1::2], strict=True)}
+    assert {W.lookup_turn(k, star) for k in W.LOOKUP_KINDS} <= asked
+
+
+def test_the_lookup_split_asks_both_kinds_about_every_object_and_changes_no_other_split():
+    world = W.generate_world(SPEC, {**COUNTS, "lookup": 30}, seed=3, qa_per_image=4, pope_per_image=3)
+    without = W.generate_world(SPEC, COUNTS, seed=3, qa_per_image=4, pope_per_image=3)
+    assert {k: v for k, v in world.splits.items() if k != "lookup"} == {k: v for k, v in without.splits.items() if k != "lookup"}
+    assert world.probes == without.probes and world.frequency == without.frequency and world.cooccurrence == without.cooccurrence
+    by_image = {}
+    for record in world.splits["lookup"]:
+        human, gpt = record["conversations"]
+        assert human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
+        by_image.setdefault(record["image"], set()).add(human["value"].split("\n")[1])
+    assert len(by_image) == 30
+    for image, questions in by_image.items():
+        objects = world.images[image].objects
+        assert questions == {W.lookup_turn(k, o)[0] for o in objects for k in W.LOOKUP_KINDS}
