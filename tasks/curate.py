@@ -564,6 +564,11 @@ def _reject(outcome: Outcome, out: RecordWriters, raw: Raw, rejection: Rejected)
 def _texts(raws: Iterable[Raw]) -> Iterator[str]:
     yield from ("user", "assistant", "system")
     for raw in raws:
+        # The lookup split repeats multitask's own sentences, so it adds no word; counted, it would
+        # only renumber the merges, and a tokenizer trained with it starts the teacher's first phase
+        # from other embeddings: adding the second phase must leave the first as it was.
+        if raw.split == "lookup":
+            continue
         if raw.record and not raw.error and not _has_surrogates(raw.record):
             for turn in raw.record.get("conversations") or []:
                 if isinstance(turn, dict) and isinstance(turn.get("value"), str):

@@ -223,7 +223,7 @@ class TeacherParams(Section):
     )
     """How the embedded teacher trains (ce only, projector and LLM: the tower stays frozen, as LLaVA keeps CLIP frozen)."""
     lookup: TrainingParams | None = TrainingParams(
-        splits=["general", "multitask", "lookup"], modules=["projector", "llm"], loss=LossWeights(ce=1.0), steps=600, lr=3e-4, warmup_steps=20,
+        splits=["general", "multitask", "lookup"], modules=["projector", "llm"], loss=LossWeights(ce=1.0), steps=1000, lr=3e-4, warmup_steps=20,
         checkpoint_every=200, log_every=20,
     )
     """A second phase, started from the first's weights: its data plus the lookup split, about half each.

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items):
 
 # Outside the repo there is no shipped teacher: tiny projects train their tokenizer (and teacher) on the world.
 TINY_WORLD = {
-    "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10}}, "tokenizer": {"source": "world"}},
+    "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10, "lookup": 10}}, "tokenizer": {"source": "world"}},
     "teacher": {"source": "train"},
 }
 

@@ -82,6 +82,17 @@ def test_world_curates_clean_with_probes_and_tokenizer(tmp_path):
     assert not probe_images & train_images
 
 
+def test_the_lookup_split_is_curated_and_leaves_the_tokenizer_as_it_was(tmp_path):
+    """The teacher's second phase adds a split; the tokenizer, and with it the first phase, must not move."""
+    images = TINY_WORLD["curate"]["world"]["images"]
+    metrics, paths = run_curate(tmp_path / "with", TINY_WORLD)
+    assert metrics["splits"]["lookup"]["kept"] == sum(1 for _ in read_jsonl(paths.split("lookup"))) > 2 * images["lookup"]
+    without = {**TINY_WORLD, "curate": {**TINY_WORLD["curate"], "world": {"images": {**images, "lookup": 0}}}}
+    _, other = run_curate(tmp_path / "without", without)
+    assert (paths.tokenizer / "tokenizer.json").read_bytes() == (other.tokenizer / "tokenizer.json").read_bytes()
+    assert paths.split("multitask").read_bytes() == other.split("multitask").read_bytes()
+
+
 def test_a_training_record_on_a_probe_image_is_a_probe_leak(tmp_path):
     params = load_params(write_params(tmp_path / "first", TINY_WORLD))
     spec = params.curate.world

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from tasks import mimic_dense
+from tasks.params import load_params
 
 from .conftest import write_params
 
@@ -80,6 +83,22 @@ def copy_inputs(project: Path, root: Path, *names: str) -> Path:
     for name in (*names, ".mlflow"):
         shutil.copytree(project / name, root / name)
     return root
+
+
+def test_the_teacher_trains_in_two_phases_and_a_rerun_reuses_the_first(project, tmp_path):
+    """Phase 2 starts from phase 1's weights; the stage's loss curve holds both; a rerun (after a crash in
+    phase 2, say) does not redo phase 1 and makes the very same teacher."""
+    metrics = json.loads((project / "metrics/teacher.json").read_text())
+    phase1, params = metrics["phase1"], load_params(project / "params.yaml")
+    assert (phase1["steps"], metrics["steps"]) == (params.teacher.train.steps, params.teacher.lookup.steps)
+    assert "vision_pretrain" in phase1 and "probes" in metrics and "probes" not in phase1
+    steps = [row["step"] for row in json.loads((project / "metrics/history/teacher.json").read_text())]
+    assert steps == sorted(steps) and steps[-1] == phase1["steps"] + metrics["steps"]
+    root = copy_inputs(project, tmp_path / "again", "data/curated", "models/tokenizer", ".cache/runs/teacher_phase1")
+    out = subprocess.run([sys.executable, "-m", "tasks.teacher"], cwd=root, check=True, capture_output=True, text=True)
+    assert "teacher_phase1: finished before with the same spec; reusing" in out.stdout
+    again, first = load_file(root / "models/teacher/model.safetensors"), load_file(project / "models/teacher/model.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_a_failing_job_fails_the_stage_with_its_log(project, tmp_path, capsys, monkeypatch):
