@@ -77,7 +77,9 @@ def ship(root: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(root / "models/teacher", tmp)
     shutil.copy(root / "metrics/teacher.json", tmp / "tinymod_metrics.json")
-    shutil.copy(root / ".cache/runs/teacher/history.jsonl", tmp / HISTORY)
+    # The stage's loss curve, both phases (a run folder holds only its own phase's rows).
+    rows = json.loads((root / "metrics/history/teacher.json").read_text())
+    (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(SHIPPED, ignore_errors=True)
     tmp.rename(SHIPPED)
     digest = weights_sha256(SHIPPED)
