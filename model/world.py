@@ -259,8 +259,8 @@ def vqa_pairs(rng: random.Random, objects: tuple[WorldObject, ...], spec: WorldP
             # Answers that name their subject ("The star is red."): the colour or place is then read
             # off the object the answer's own words point at, as a caption reads each shape off
             # the colour just written (see the docstring).
-            candidates["colour"].append((f"What colour is the {shape}?", f"The {shape} is {objs[0].colour}.", shape))
-            candidates["position"].append((f"Where is the {shape}?", f"The {shape} is {where(objs[0])}.", shape))
+            candidates["colour"].append((*lookup_turn("colour", objs[0]), shape))
+            candidates["position"].append((*lookup_turn("position", objs[0]), shape))
     for colour, objs in by_colour.items():
         if len(objs) == 1:
             candidates["shape"].append((f"What shape is the {colour} object?", objs[0].shape, objs[0].shape))
@@ -518,7 +518,7 @@ def lookup_scene(rng: random.Random, spec: WorldParams) -> tuple[list[WorldObjec
 
 
 def lookup_turn(kind: str, obj: WorldObject) -> tuple[str, str]:
-    """The multitask split's own question about ``obj``'s colour or place, and its right answer."""
+    """The question about ``obj``'s colour or place and its right answer, as the multitask split and the lookup split ask it."""
     if kind == "position":
         return f"Where is the {obj.shape}?", f"The {obj.shape} is {where(obj)}."
     return f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}."

@@ -6,7 +6,6 @@ import importlib.util
 import random
 import sys
 
-from model import world as W
 from tasks.params import REPO, load_params
 
 sys.path.insert(0, str(REPO / "bench"))
