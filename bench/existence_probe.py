@@ -1,0 +1,71 @@
+"""Whether a checkpoint reads existence off the image or off the question's object name.
+
+"Is there a <shape> in the image?" can be answered two ways: look for the shape among the
+image tokens, or say what the training data says most often about that shape (circles and
+squares, the popular shapes, are in most images). This asks every POPE question of freshly
+drawn scenes twice, once with its own image and once with another scene's, and prints, per
+checkpoint: accuracy, yes-ratio on positives and on negatives, how often the answer stays the
+same when the image is swapped (1.00: the image plays no part), and the yes-ratio by the shape
+the question names (1.0 or 0.0 for a shape: answered from the name alone).
+
+    python bench/existence_probe.py CHECKPOINT [CHECKPOINT ...] [--images 200] [--seed 2026]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from fresh_scenes import ask, says_no
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from model import world as W
+from tasks.params import load_params
+
+
+def named_shape(question: str, shapes: tuple[str, ...]) -> str:
+    return next(s for s in shapes if re.search(rf"\b{s}\b", question))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--images", type=int, default=200, help="fresh probe images")
+    parser.add_argument("--seed", type=int, default=2026, help="world seed of the fresh scenes (the pipeline's is curate.world.seed)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    spec = load_params(args.params).curate.world
+    fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": args.images}, args.seed, spec.qa_per_image, spec.pope_per_image)
+    images = {name: W.render(scene, spec) for name, scene in fresh.images.items()}
+    names = sorted(images)
+    shuffled = names[:]
+    random.Random(args.seed).shuffle(shuffled)
+    other = dict(zip(names, shuffled, strict=True))
+    records = [r for split in W.POPE_SPLITS for r in fresh.probes[f"pope_{split}"]]
+    questions = [r["conversations"][0]["value"].split("\n", 1)[1] for r in records]
+    truth = [r["answer"] == "yes" for r in records]
+    print(f"{len(records)} POPE questions on {args.images} fresh scenes (world seed {args.seed})")
+    print(f"{'checkpoint':48} {'acc':>5} {'yes|pos':>7} {'yes|neg':>7} {'same w/ other image':>19}   yes-ratio by the shape asked")
+    for folder in args.checkpoints:
+        model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
+        processor = AutoProcessor.from_pretrained(folder)
+        with torch.no_grad():
+            own = [not says_no(a) for a in ask(model, processor, [images[r["image"]] for r in records], questions, 3)]
+            swapped = [not says_no(a) for a in ask(model, processor, [images[other[r["image"]]] for r in records], questions, 3)]
+        by_shape: dict[str, list[bool]] = defaultdict(list)
+        for question, yes in zip(questions, own, strict=True):
+            by_shape[named_shape(question, spec.shapes)].append(yes)
+        positives = [y for y, t in zip(own, truth, strict=True) if t]
+        negatives = [y for y, t in zip(own, truth, strict=True) if not t]
+        accuracy = sum(y == t for y, t in zip(own, truth, strict=True)) / len(records)
+        same = sum(a == b for a, b in zip(own, swapped, strict=True)) / len(records)
+        shapes = " ".join(f"{s} {sum(v) / len(v):.2f}" for s, v in sorted(by_shape.items()))
+        print(f"{'/'.join(folder.parts[-3:]):48} {accuracy:5.3f} {sum(positives) / len(positives):7.2f} {sum(negatives) / len(negatives):7.2f} {same:19.2f}   {shapes}")
+
+
+if __name__ == "__main__":
+    main()
