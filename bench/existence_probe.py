@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from fresh_scenes import ask, says_no
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import logging as hf_logging
 
 from model import world as W
 from tasks.params import load_params
@@ -31,6 +32,24 @@ def named_shape(question: str, shapes: tuple[str, ...]) -> str:
     return next(s for s in shapes if re.search(rf"\b{s}\b", question))
 
 
+def figures(own: list[bool], swapped: list[bool], truth: list[bool], asked: list[str]) -> dict:
+    """The "yes" answers to each question with its own image (``own``) and another scene's (``swapped``),
+    against the truth: accuracy, yes-ratio on positives and negatives, the share of answers the swap
+    left the same, and the yes-ratio by the shape asked (``asked``)."""
+    by_shape: dict[str, list[bool]] = defaultdict(list)
+    for shape, yes in zip(asked, own, strict=True):
+        by_shape[shape].append(yes)
+    positives = [y for y, t in zip(own, truth, strict=True) if t]
+    negatives = [y for y, t in zip(own, truth, strict=True) if not t]
+    return {
+        "accuracy": sum(y == t for y, t in zip(own, truth, strict=True)) / len(own),
+        "yes_positives": sum(positives) / len(positives),
+        "yes_negatives": sum(negatives) / len(negatives),
+        "same_with_other_image": sum(a == b for a, b in zip(own, swapped, strict=True)) / len(own),
+        "yes_by_shape": {s: sum(v) / len(v) for s, v in sorted(by_shape.items())},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
@@ -38,6 +57,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026, help="world seed of the fresh scenes (the pipeline's is curate.world.seed)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint would split the table
     spec = load_params(args.params).curate.world
     fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": args.images}, args.seed, spec.qa_per_image, spec.pope_per_image)
     images = {name: W.render(scene, spec) for name, scene in fresh.images.items()}
@@ -56,15 +76,9 @@ def main() -> None:
         with torch.no_grad():
             own = [not says_no(a) for a in ask(model, processor, [images[r["image"]] for r in records], questions, 3)]
             swapped = [not says_no(a) for a in ask(model, processor, [images[other[r["image"]]] for r in records], questions, 3)]
-        by_shape: dict[str, list[bool]] = defaultdict(list)
-        for question, yes in zip(questions, own, strict=True):
-            by_shape[named_shape(question, spec.shapes)].append(yes)
-        positives = [y for y, t in zip(own, truth, strict=True) if t]
-        negatives = [y for y, t in zip(own, truth, strict=True) if not t]
-        accuracy = sum(y == t for y, t in zip(own, truth, strict=True)) / len(records)
-        same = sum(a == b for a, b in zip(own, swapped, strict=True)) / len(records)
-        shapes = " ".join(f"{s} {sum(v) / len(v):.2f}" for s, v in sorted(by_shape.items()))
-        print(f"{'/'.join(folder.parts[-3:]):48} {accuracy:5.3f} {sum(positives) / len(positives):7.2f} {sum(negatives) / len(negatives):7.2f} {same:19.2f}   {shapes}")
+        f = figures(own, swapped, truth, [named_shape(q, spec.shapes) for q in questions])
+        shapes = " ".join(f"{s} {ratio:.2f}" for s, ratio in f["yes_by_shape"].items())
+        print(f"{'/'.join(folder.parts[-3:]):48} {f['accuracy']:5.3f} {f['yes_positives']:7.2f} {f['yes_negatives']:7.2f} {f['same_with_other_image']:19.2f}   {shapes}")
 
 
 if __name__ == "__main__":
