@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from fresh_scenes import ask, says_no
+from fresh_scenes import ask, fresh_scenes, question, says_no
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
@@ -28,8 +26,11 @@ from model import world as W
 from tasks.params import load_params
 
 
-def named_shape(question: str, shapes: tuple[str, ...]) -> str:
-    return next(s for s in shapes if re.search(rf"\b{s}\b", question))
+def other_scene(names: list[str], seed: int) -> dict[str, str]:
+    """Each image paired with another one, never itself: a shuffled cycle through them all."""
+    cycle = sorted(names)
+    random.Random(seed).shuffle(cycle)
+    return dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
 
 
 def figures(own: list[bool], swapped: list[bool], truth: list[bool], asked: list[str]) -> dict:
@@ -59,24 +60,19 @@ def main() -> None:
     args = parser.parse_args()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint would split the table
     spec = load_params(args.params).curate.world
-    fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": args.images}, args.seed, spec.qa_per_image, spec.pope_per_image)
-    images = {name: W.render(scene, spec) for name, scene in fresh.images.items()}
-    names = sorted(images)
-    shuffled = names[:]
-    random.Random(args.seed).shuffle(shuffled)
-    other = dict(zip(names, shuffled, strict=True))
-    records = [r for split in W.POPE_SPLITS for r in fresh.probes[f"pope_{split}"]]
-    questions = [r["conversations"][0]["value"].split("\n", 1)[1] for r in records]
+    probes, images = fresh_scenes(spec, args.images, args.seed)
+    other = other_scene(list(images), args.seed)
+    records = [r for split in W.POPE_SPLITS for r in probes[f"pope_{split}"]]
+    questions = [question(r) for r in records]
     truth = [r["answer"] == "yes" for r in records]
     print(f"{len(records)} POPE questions on {args.images} fresh scenes (world seed {args.seed})")
     print(f"{'checkpoint':48} {'acc':>5} {'yes|pos':>7} {'yes|neg':>7} {'same w/ other image':>19}   yes-ratio by the shape asked")
     for folder in args.checkpoints:
         model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
         processor = AutoProcessor.from_pretrained(folder)
-        with torch.no_grad():
-            own = [not says_no(a) for a in ask(model, processor, [images[r["image"]] for r in records], questions, 3)]
-            swapped = [not says_no(a) for a in ask(model, processor, [images[other[r["image"]]] for r in records], questions, 3)]
-        f = figures(own, swapped, truth, [named_shape(q, spec.shapes) for q in questions])
+        own = [not says_no(a) for a in ask(model, processor, [images[r["image"]] for r in records], questions, 3)]
+        swapped = [not says_no(a) for a in ask(model, processor, [images[other[r["image"]]] for r in records], questions, 3)]
+        f = figures(own, swapped, truth, [r["object"] for r in records])
         shapes = " ".join(f"{s} {ratio:.2f}" for s, ratio in f["yes_by_shape"].items())
         print(f"{'/'.join(folder.parts[-3:]):48} {f['accuracy']:5.3f} {f['yes_positives']:7.2f} {f['yes_negatives']:7.2f} {f['same_with_other_image']:19.2f}   {shapes}")
 

@@ -28,6 +28,17 @@ from tasks.evaluate import CHECKPOINTS
 from tasks.params import load_params
 
 
+def fresh_scenes(spec, images: int, seed: int) -> tuple[dict, dict]:
+    """Probe records of ``images`` newly drawn scenes from world seed ``seed``, and the scenes rendered in memory."""
+    fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": images}, seed, spec.qa_per_image, spec.pope_per_image)
+    return fresh.probes, {name: W.render(scene, spec) for name, scene in fresh.images.items()}
+
+
+def question(record: dict) -> str:
+    """A probe's question without its image placeholder line."""
+    return record["conversations"][0]["value"].split("\n", 1)[1]
+
+
 def ask(model, processor, images, questions: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     processor.tokenizer.padding_side = "left"
     answers = []
@@ -58,7 +69,7 @@ def score(model, processor, probes: dict, images: dict, shapes: tuple[str, ...])
     out: dict[str, float] = {}
     for split in W.POPE_SPLITS:
         records = probes[f"pope_{split}"]
-        said = ask(model, processor, [images[r["image"]] for r in records], [r["conversations"][0]["value"].split("\n", 1)[1] for r in records], 3)
+        said = ask(model, processor, [images[r["image"]] for r in records], [question(r) for r in records], 3)
         yes = [not says_no(a) for a in said]
         truth = [r["answer"] == "yes" for r in records]
         tp = sum(y and t for y, t in zip(yes, truth, strict=True))
@@ -69,7 +80,7 @@ def score(model, processor, probes: dict, images: dict, shapes: tuple[str, ...])
         out[f"pope_{split}_yes_ratio"] = sum(yes) / len(records)
         out[f"pope_{split}_n"] = len(records)
     vqa = probes["vqa"]
-    said = ask(model, processor, [images[r["image"]] for r in vqa], [r["conversations"][0]["value"].split("\n", 1)[1] for r in vqa], 12)
+    said = ask(model, processor, [images[r["image"]] for r in vqa], [question(r) for r in vqa], 12)
     hits = [words(a) == words(r["answer"]) for a, r in zip(said, vqa, strict=True)]
     out["vqa_accuracy"], out["vqa_n"] = sum(hits) / len(hits), len(hits)
     for qtype in W.VQA_TYPES:
@@ -116,15 +127,13 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params)
     spec = params.curate.world
-    w = params.curate.world
-    fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": args.images}, args.seed, w.qa_per_image, w.pope_per_image)
-    images = {name: W.render(scene, spec) for name, scene in fresh.images.items()}
+    probes, images = fresh_scenes(spec, args.images, args.seed)
     reference = json.loads((Path(params.paths.metrics) / "eval.json").read_text())["models"] if (Path(params.paths.metrics) / "eval.json").exists() else {}
     results = {}
     for name in args.models:
         folder = Path(params.paths.models) / CHECKPOINTS[name]
         model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
-        results[name] = score(model, AutoProcessor.from_pretrained(folder), fresh.probes, images, spec.shapes)
+        results[name] = score(model, AutoProcessor.from_pretrained(folder), probes, images, spec.shapes)
         print(f"\n{name} ({folder}), {args.images} fresh scenes, world seed {args.seed}")
         print(f"{'figure':28} {'fresh':>7} {'± se':>6} {'eval.json':>9} {'diff':>7}")
         for figure, (task, metric, count) in COMPARED.items():
