@@ -24,11 +24,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model import world as W
+from model.config import WorldParams
 from tasks.evaluate import CHECKPOINTS
 from tasks.params import load_params
 
 
-def fresh_scenes(spec, images: int, seed: int) -> tuple[dict, dict]:
+def fresh_scenes(spec: WorldParams, images: int, seed: int) -> tuple[dict, dict]:
     """Probe records of ``images`` newly drawn scenes from world seed ``seed``, and the scenes rendered in memory."""
     fresh = W.generate_world(spec, {"general": 0, "multitask": 0, "preference": 0, "probes": images}, seed, spec.qa_per_image, spec.pope_per_image)
     return fresh.probes, {name: W.render(scene, spec) for name, scene in fresh.images.items()}
