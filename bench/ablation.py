@@ -9,6 +9,7 @@ run-cache (the teacher has its own seed) and only the student stages train:
                        projector, then SFT; the same run under either recipe's name)
     llava_mod          align + mimic_dense (KD) -> upcycle + mimic_sparse (KD) -> preference
                        scored after mimic_dense (dense KD), mimic_sparse (MoE KD), preference
+    dense_kd           llava_mod stopped after mimic_dense: the dense KD student alone, claim (a) in half the time
     dense_same_active  the same stages with a dense student as wide as the MoE's active FFN
                        (upcycled to 1 expert, top-1: a dense FFN in MoE form)
     llava_mod_live     llava_mod's mimic stages with the teacher live instead of cached (the cache's quality check)
@@ -61,6 +62,8 @@ VARIANTS = {
         "preference",
         {"dense": "(2) mimic_dense: dense KD", "moe": "(3) + upcycle + mimic_sparse: MoE KD", "pref": "(4) + preference distillation"},
     ),
+    # llava_mod's first two stages only: claim (a) in half the time.
+    "dense_kd": ({}, "mimic_dense", {"dense": "(2) mimic_dense: dense KD"}),
     "dense_same_active": (
         DENSE_SAME_ACTIVE,
         "mimic_sparse",

@@ -11,7 +11,9 @@ teach the projector where they are (ce stays near ln(vocab)). On the embedded
 world the new student is first word-aligned (``align.word_align``): its
 projected image cells are scored against its own word embeddings, as the
 teacher's vision pretraining did for the teacher. Without it the students
-answered at chance however long they trained on the default's data.
+answered at chance however long they trained on the default's data. A
+pretrained LLM (``bench/student_llm.py`` makes one for the world) is
+word-aligned too: its words mean something, its image tokens do not yet.
 
 Run: ``python -m tasks.align [--params params.yaml]``
 """

@@ -245,8 +245,8 @@ class StudentParams(Section):
 class WordAlignParams(Section):
     steps: int = Field(300, ge=0)
     """Steps of scoring the student's projected image cells against its own word embeddings before align trains
-    (model/vision_pretrain.py, tower frozen). Runs only for a fresh LLM (`student.llm: init`) with the world among
-    curate.sources: a pretrained LLM's words already mean something, and real data has no per-cell truth."""
+    (model/vision_pretrain.py, tower frozen). Runs with the world among curate.sources, for a fresh LLM and a
+    pretrained one alike: the image tokens are new either way (real data has no per-cell truth to score)."""
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     """AdamW learning rate of the word alignment."""
     batch_size: int = Field(64, ge=1)
@@ -396,8 +396,8 @@ class Params(Section):
 
     @property
     def word_aligns(self) -> bool:
-        """Whether align word-aligns the new student: a fresh LLM, the world among the sources, steps to take."""
-        return self.align.student.llm == "init" and self.uses_world and self.align.word_align.steps > 0
+        """Whether align word-aligns the new student: the world among the sources, steps to take."""
+        return self.uses_world and self.align.word_align.steps > 0
 
 
 # ---------------------------------------------------------------- loading and checking
