@@ -29,12 +29,14 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from fresh_scenes import words
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model import world as W
 from model.builders import text_config
 from model.config import WorldParams
+from model.data import encode_prompt
 from tasks.params import REPO, load_params
 
 CORPUS_SEED = 99  # not the world's: the text describes scenes no split or probe holds
@@ -60,8 +62,9 @@ def conversation(rng: random.Random, spec: WorldParams) -> list[dict]:
     return messages
 
 
-def token_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Every token of a whole conversation, all of which the LM learns (model/data.py masks all but the answers)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -91,7 +94,7 @@ def pretrain(model, tokenizer, spec: WorldParams, steps: int, batch_size: int, l
 
 @torch.no_grad()
 def in_context_accuracy(model, tokenizer, spec: WorldParams, scenes: int) -> dict[str, float]:
-    """Greedy answers to one question of every type about fresh scenes given as text, exact match per type."""
+    """Greedy answers to one question of every type about fresh scenes given as text, scored as the second scorer scores VQA."""
     model.eval()
     rng = random.Random(EVAL_SEED)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -99,10 +102,10 @@ def in_context_accuracy(model, tokenizer, spec: WorldParams, scenes: int) -> dic
     for _ in range(scenes):
         scene = W.sample_scene(rng, spec, noisy=False)
         for qtype, question, answer in W.vqa_pairs(rng, scene.objects, spec, len(W.VQA_TYPES)):
-            prompt = token_ids(tokenizer, [{"role": "user", "content": f"{W.caption(scene.objects)}\n{question}"}], generation_prompt=True)
+            prompt = encode_prompt(tokenizer, [{"from": "human", "value": f"{W.caption(scene.objects)}\n{question}"}], image_tokens=0)
             out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=pad)
             total[qtype] += 1
-            right[qtype] += tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip() == answer
+            right[qtype] += words(tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)) == words(answer)
     return {"accuracy": sum(right.values()) / sum(total.values())} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
 
 
