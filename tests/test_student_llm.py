@@ -14,7 +14,8 @@ from model import world as W
 from model.builders import build_student, text_config
 from model.config import SHAPES_DRAWN, WorldParams
 from tasks.params import REPO, TextParams, load_params
-from tests.conftest import TINY_TEXT, write_params
+
+from .conftest import TINY_TEXT, write_params
 
 sys.path.insert(0, str(REPO / "bench"))
 spec = importlib.util.spec_from_file_location("student_llm", REPO / "bench" / "student_llm.py")
