@@ -6,22 +6,33 @@ surrounds it. The embedded default's student starts from a fresh LLM (``align.st
 init``), and at its step count it never forms those lookups on images (colour 0.50, place
 0.15-0.32, README "The students"). This script makes the stand-in for a pretrained LLM: the
 student's own architecture (``align.student.text``), the teacher's tokenizer, trained as a plain
-causal LM on text-only conversations about world scenes, the scene given in context as its
-ground-truth caption where a LLaVA record has the image:
+causal LM on conversations about world scenes drawn from their own seed (never a training image
+or a probe). Where a LLaVA record has the image, the context holds the scene in one of two forms:
 
-    <|im_start|>user\na small red star at the top left and a large blue circle in the centre.
+- ``--context cells`` (what ships): one position per grid cell, as the word-aligned projector
+  presents an image, each the mean input embedding of the words for what the cell holds (its
+  shape, colour, size and place; the image token's own embedding where it holds nothing). All of
+  an object's words sit at one position, so "What colour is the star?" is one look-up, as it is
+  on an image.
+- ``--context caption``: the scene's ground-truth caption as text. In the caption the colour comes
+  before the shape it belongs to, so its look-up runs backwards; this LLM answered colour at 0.11
+  in text and cost the students colour on images (README, "A student LLM pretrained on the world's
+  text").
+
+    <|im_start|>user\n[9 cell positions | a small red star at the top left and ...]
     Where is the star?<|im_end|>\n<|im_start|>assistant\nThe star is at the top left.<|im_end|> ...
 
-The scenes are drawn from their own seed, so the text never describes a training image or a
-probe. It writes a Hugging Face causal LM that ``align.student.llm: OUT`` takes, and prints the
-in-context answer accuracy per question type on fresh scenes (also in OUT/tinymod_metrics.json).
+It writes a Hugging Face causal LM that ``align.student.llm: OUT`` takes (plain ``transformers``
+loads it), and prints the in-context answer accuracy per question type on fresh scenes (also in
+OUT/tinymod_metrics.json).
 
-    python bench/student_llm.py OUT [--steps 1500] [--batch-size 64] [--lr 0.002]
+    python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--steps 1500]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -36,18 +47,50 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model import world as W
 from model.builders import text_config
 from model.config import WorldParams
-from model.data import encode_prompt
+from model.data import encode_prompt, expand_image_tokens
+from model.tokenizer import IMAGE_TOKEN
+from model.vision_pretrain import GRID, POSITIONS, cell_labels, word_ids
 from tasks.params import REPO, load_params
 
 CORPUS_SEED = 99  # not the world's: the text describes scenes no split or probe holds
 EVAL_SEED = 2026
 CAPTION_SHARE = 0.2  # records that also ask for the description, so the LM learns to write captions
+CELLS = GRID * GRID
 
 
-def conversation(rng: random.Random, spec: WorldParams) -> list[dict]:
-    """One text-only record: the scene's caption where the image would be, then shuffled questions about it."""
+class SceneContext:
+    """How a scene stands where a LLaVA record has its image: nine cell positions (``cells``) or its caption (``caption``)."""
+
+    def __init__(self, kind: str, tokenizer, spec: WorldParams):
+        self.kind = kind
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.vocab = (list(spec.shapes), sorted(spec.colours), sorted(spec.sizes))
+        self.word_ids = [word_ids(tokenizer, w) for w in (*self.vocab, POSITIONS)]
+
+    def text(self, objects) -> str:
+        return IMAGE_TOKEN if self.kind == "cells" else W.caption(objects)
+
+    def embed(self, embeddings: torch.nn.Embedding, input_ids: torch.Tensor, scenes: list) -> torch.Tensor:
+        """The input embeddings, each scene's nine image positions holding its cells' word means."""
+        embedded = embeddings(input_ids)
+        if self.kind != "cells":
+            return embedded
+        cells = torch.cat([self.cell_vectors(embeddings.weight, objects) for objects in scenes])
+        return embedded.masked_scatter((input_ids == self.image_id)[..., None], cells)
+
+    def cell_vectors(self, weight: torch.Tensor, objects) -> torch.Tensor:
+        labels = cell_labels([dataclasses.asdict(o) for o in objects], *self.vocab)  # [4, 9], 0 = empty
+        empty = weight[self.image_id]
+        return torch.stack([
+            torch.stack([weight[ids[label - 1]].mean(0) for ids, label in zip(self.word_ids, labels[:, cell].tolist(), strict=True)]).mean(0)
+            if labels[0, cell] else empty
+            for cell in range(CELLS)
+        ])  # fmt: skip
+
+
+def conversation(rng: random.Random, spec: WorldParams, context: SceneContext) -> tuple[list[dict], tuple]:
+    """One record about a fresh scene, shown as ``context`` says, then shuffled questions about it; and the scene's objects."""
     scene = W.sample_scene(rng, spec, noisy=False)
-    description = W.caption(scene.objects)
     turns = [(question, answer) for _, question, answer in W.vqa_pairs(rng, scene.objects, spec, spec.qa_per_image)]
     objects = W._reading_order(scene.objects)
     if len({o.shape for o in objects}) == len(objects):
@@ -55,34 +98,40 @@ def conversation(rng: random.Random, spec: WorldParams) -> list[dict]:
     rng.shuffle(turns)
     turns = turns[:6]
     if rng.random() < CAPTION_SHARE:
-        turns = [("Describe the image.", description), *turns]
+        turns = [("Describe the image.", W.caption(scene.objects)), *turns]
     messages = []
     for i, (question, answer) in enumerate(turns):
-        messages += [{"role": "user", "content": f"{description}\n{question}" if i == 0 else question}, {"role": "assistant", "content": answer}]
-    return messages
+        content = f"{context.text(scene.objects)}\n{question}" if i == 0 else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return messages, scene.objects
 
 
 def token_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Every token of a whole conversation, all of which the LM learns (model/data.py masks all but the answers)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return expand_image_tokens(tokenizer, ids, ids, CELLS)[0]
 
 
-def pretrain(model, tokenizer, spec: WorldParams, steps: int, batch_size: int, lr: float) -> list[float]:
-    """Plain causal-LM training on every token of freshly drawn conversations; returns the loss per step."""
+def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float) -> list[float]:
+    """Plain causal-LM training on every text token of freshly drawn conversations; returns the loss per step."""
     rng = random.Random(CORPUS_SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses = []
     for _ in tqdm(range(steps), desc="student LLM", unit="step"):
-        batch = [token_ids(tokenizer, conversation(rng, spec)) for _ in range(batch_size)]
+        records = [conversation(rng, spec, context) for _ in range(batch_size)]
+        batch = [token_ids(tokenizer, messages) for messages, _ in records]
         longest = max(map(len, batch))
         inputs = torch.full((batch_size, longest), pad)
         labels = torch.full((batch_size, longest), -100)
         for i, ids in enumerate(batch):
             inputs[i, : len(ids)] = labels[i, : len(ids)] = torch.tensor(ids)
-        loss = model(input_ids=inputs, attention_mask=(labels != -100).long(), labels=labels).loss
+        attention = (labels != -100).long()
+        labels[inputs == context.image_id] = -100
+        embedded = context.embed(model.get_input_embeddings(), inputs, [objects for _, objects in records])
+        loss = model(inputs_embeds=embedded, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -93,8 +142,8 @@ def pretrain(model, tokenizer, spec: WorldParams, steps: int, batch_size: int, l
 
 
 @torch.no_grad()
-def in_context_accuracy(model, tokenizer, spec: WorldParams, scenes: int) -> dict[str, float]:
-    """Greedy answers to one question of every type about fresh scenes given as text, scored as the second scorer scores VQA."""
+def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneContext, scenes: int) -> dict[str, float]:
+    """Greedy answers to one question of every type about fresh scenes in ``context``, scored as the second scorer scores VQA."""
     model.eval()
     rng = random.Random(EVAL_SEED)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -102,16 +151,19 @@ def in_context_accuracy(model, tokenizer, spec: WorldParams, scenes: int) -> dic
     for _ in range(scenes):
         scene = W.sample_scene(rng, spec, noisy=False)
         for qtype, question, answer in W.vqa_pairs(rng, scene.objects, spec, len(W.VQA_TYPES)):
-            prompt = encode_prompt(tokenizer, [{"from": "human", "value": f"{W.caption(scene.objects)}\n{question}"}], image_tokens=0)
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=pad)
+            prompt = torch.tensor([encode_prompt(tokenizer, [{"from": "human", "value": f"{context.text(scene.objects)}\n{question}"}], CELLS)])
+            embedded = context.embed(model.get_input_embeddings(), prompt, [scene.objects])
+            out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=pad)
             total[qtype] += 1
-            right[qtype] += words(tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)) == words(answer)
+            right[qtype] += words(tokenizer.decode(out[0], skip_special_tokens=True)) == words(answer)
     return {"accuracy": sum(right.values()) / sum(total.values())} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for the causal LM (align.student.llm takes it)")
+    parser.add_argument("--context", choices=["cells", "caption"], default="cells", help="how the scene stands where the image would")
+    parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -121,14 +173,18 @@ def main() -> None:
     params = load_params(args.params)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(REPO / params.curate.tokenizer.source)
-    model = AutoModelForCausalLM.from_config(text_config(params.align.student.text, tokenizer))
+    text = params.align.student.text
+    if args.intermediate_size:
+        text = text.model_copy(update={"intermediate_size": args.intermediate_size})
+    model = AutoModelForCausalLM.from_config(text_config(text, tokenizer))
+    context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
-    losses = pretrain(model, tokenizer, params.curate.world, args.steps, args.batch_size, args.lr)
+    losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr)
     seconds = time.perf_counter() - started
-    scores = in_context_accuracy(model, tokenizer, params.curate.world, args.eval_scenes)
+    scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    metrics = {"steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
+    metrics = {"context": args.context, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{args.steps} steps in {seconds:.0f} s, loss {metrics['final_loss']:.3f}; in-context answers on {args.eval_scenes} fresh scenes: "
           + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
