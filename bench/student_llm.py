@@ -26,7 +26,7 @@ It writes a Hugging Face causal LM that ``align.student.llm: OUT`` takes (plain 
 loads it), and prints the in-context answer accuracy per question type on fresh scenes (also in
 OUT/tinymod_metrics.json).
 
-    python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--steps 1500]
+    python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--steps 1500] [--init FOLDER]
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for the causal LM (align.student.llm takes it)")
     parser.add_argument("--context", choices=["cells", "caption"], default="cells", help="how the scene stands where the image would")
     parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
+    parser.add_argument("--init", type=Path, help="continue from this folder's LLM instead of a fresh one (a new schedule)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -176,7 +177,7 @@ def main() -> None:
     text = params.align.student.text
     if args.intermediate_size:
         text = text.model_copy(update={"intermediate_size": args.intermediate_size})
-    model = AutoModelForCausalLM.from_config(text_config(text, tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
     context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
     losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr)
@@ -184,7 +185,7 @@ def main() -> None:
     scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    metrics = {"context": args.context, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
+    metrics = {"context": args.context, "init": str(args.init) if args.init else "fresh", "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{args.steps} steps in {seconds:.0f} s, loss {metrics['final_loss']:.3f}; in-context answers on {args.eval_scenes} fresh scenes: "
           + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))

@@ -20,7 +20,7 @@ import yaml
 from tasks.params import REPO, ParamsError, deep_merge, load_params
 from tasks.stages import dump, render
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows", "teachers")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows", "teachers", "students")
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
 
 

@@ -237,7 +237,12 @@ class TeacherParams(Section):
 
 class StudentParams(Section):
     llm: str = "init"
-    """`init` builds a fresh LLM from `text`; otherwise a local folder with a HF causal LM sharing the teacher's vocabulary."""
+    """`init` builds a fresh LLM from `text`; otherwise a local folder with a HF causal LM sharing the teacher's vocabulary.
+
+    The embedded default's is students/embedded, this project's stand-in for a pretrained small LLM
+    (made by bench/student_llm.py; README, "The students")."""
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the pretrained LLM's weights (its *.safetensors files in name order); align refuses others. null with `llm: init`."""
     text: TextParams = TextParams(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2)
     """LLM of the student when `llm: init`."""
 
@@ -597,6 +602,8 @@ def _cross_checks(p: Params) -> list[Problem]:
     up = p.upcycle
     if up.top_k > up.num_experts:
         problems.append(Problem("upcycle.top_k", f"must be <= upcycle.num_experts ({up.num_experts})"))
+    if p.align.student.sha256 and p.align.student.llm == "init":
+        problems.append(Problem("align.student.sha256", "pins a pretrained LLM's weights, and align.student.llm is init: set it to null"))
     if isinstance(up.layers, list) and p.align.student.llm == "init":
         n = p.align.student.text.layers
         for i, layer in enumerate(up.layers):

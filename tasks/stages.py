@@ -111,7 +111,9 @@ def stage_specs(params: Params) -> dict[str, dict]:
         stage = STUDENT_STAGES[name]
         reads = [curated, teacher] if stage.reads is None else [curated, teacher, student(stage.reads)]
         if name == "align":
-            specs[name] = _training(name, [curated, f"{data}/world", teacher, cache], student("align"), ["curate.world", "curate.sources"])
+            llm = params.align.student.llm
+            shipped_llm = [llm] if llm != "init" and not Path(llm).is_absolute() else []  # the repo's own (students/embedded) is versioned with it
+            specs[name] = _training(name, [curated, f"{data}/world", teacher, cache, *shipped_llm], student("align"), ["curate.world", "curate.sources"])
         elif name == "upcycle":
             specs[name] = {
                 "deps": [curated, student("dense")],

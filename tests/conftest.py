@@ -28,10 +28,12 @@ def pytest_collection_modifyitems(items):
         if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
             item.add_marker(pytest.mark.fast)
 
-# Outside the repo there is no shipped teacher: tiny projects train their tokenizer (and teacher) on the world.
+# Outside the repo there is no shipped teacher: tiny projects train their tokenizer (and teacher) on the world,
+# and their students start from a fresh LLM (the shipped one reads the shipped teacher's vocabulary).
 TINY_WORLD = {
     "curate": {"world": {"images": {"general": 40, "multitask": 40, "preference": 20, "probes": 10, "lookup": 10}}, "tokenizer": {"source": "world"}},
     "teacher": {"source": "train"},
+    "align": {"student": {"llm": "init", "sha256": None}},
 }
 
 

@@ -1,4 +1,4 @@
-"""The ablation's bookkeeping: busy time, and the verdicts it prints for the papers' claims."""
+"""The ablation's bookkeeping: busy time, the verdicts it prints for the papers' claims, and variants that validate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from tasks.params import REPO
+from tasks.align import check_pinned_llm
+from tasks.params import REPO, load_params
+
+from .conftest import write_params
 
 sys.path.insert(0, str(REPO / "bench"))  # bench scripts import their siblings (workspace), as when run as scripts
 spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
@@ -74,3 +77,11 @@ def test_set_changes_nest_by_their_dotted_key_and_a_malformed_one_is_refused():
     for malformed in ("mimic_dense.steps", "=3"):
         with pytest.raises(SystemExit, match="expected KEY=VALUE"):
             dotted_overrides([malformed])
+
+
+@pytest.mark.parametrize("variant", sorted(ablation.VARIANTS))
+def test_every_variant_is_a_valid_pipeline_and_its_student_llm_is_the_pinned_one(variant, tmp_path):
+    overrides, _, models = ablation.VARIANTS[variant]
+    params = load_params(write_params(tmp_path, overrides))
+    assert set(models) <= set(params.evaluated_models)
+    check_pinned_llm(str(REPO / params.align.student.llm), params.align.student.sha256)

@@ -1,4 +1,4 @@
-"""bench/student_llm.py: a student LLM pretrained on the world's text, which align takes and word-aligns."""
+"""bench/student_llm.py: a student LLM pretrained on the world's text, which align takes, checks against its pin and word-aligns."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import random
 import re
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from model import world as W
-from model.builders import build_student, text_config
+from model.builders import CheckpointError, build_student, text_config
 from model.config import SHAPES_DRAWN, WorldParams
-from tasks.params import REPO, TextParams, load_params
+from model.tokenizer import IMAGE_TOKEN
+from model.vision_pretrain import POSITIONS
+from tasks.align import check_pinned_llm
+from tasks.common import files_sha256
+from tasks.params import REPO, ParamsError, TextParams, load_params
 
 from .conftest import TINY_TEXT, write_params
 
@@ -23,11 +28,12 @@ student_llm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(student_llm)
 
 
-def test_the_scene_is_given_as_its_caption_where_the_image_would_be_and_every_answer_is_read_off_it():
+def test_the_scene_is_given_as_its_caption_where_the_image_would_be_and_every_answer_is_read_off_it(tiny_tokenizer):
     rng = random.Random(0)
+    context = student_llm.SceneContext("caption", tiny_tokenizer, WorldParams())
     asked = 0
     for _ in range(200):
-        messages = student_llm.conversation(rng, WorldParams())
+        messages, _ = student_llm.conversation(rng, WorldParams(), context)
         description, first_question = messages[0]["content"].split("\n")
         assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
         assert "<image>" not in description and W.object_mentions(description, SHAPES_DRAWN)
@@ -46,7 +52,8 @@ def test_a_pretrained_student_llm_goes_into_the_student_unchanged_and_is_word_al
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = student_llm.pretrain(model, tiny_tokenizer, WorldParams(), steps=3, batch_size=4, lr=1e-2)
+    context = student_llm.SceneContext("cells", tiny_tokenizer, WorldParams())
+    losses = student_llm.pretrain(model, tiny_tokenizer, WorldParams(), context, steps=3, batch_size=4, lr=1e-2)
     assert len(losses) == 3 and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     folder = tmp_path / "student_llm"
     model.save_pretrained(folder, safe_serialization=True)
@@ -56,3 +63,41 @@ def test_a_pretrained_student_llm_goes_into_the_student_unchanged_and_is_word_al
     assert torch.equal(student.model.language_model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
     params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder)}}}))
     assert params.word_aligns, "a pretrained LLM's image tokens are new too: align word-aligns it on the world"
+
+
+def test_in_the_cells_context_each_object_is_one_position_holding_the_mean_of_its_words(tiny_tokenizer):
+    spec = WorldParams()
+    context = student_llm.SceneContext("cells", tiny_tokenizer, spec)
+    messages, objects = student_llm.conversation(random.Random(3), spec, context)
+    assert messages[0]["content"].startswith(f"{IMAGE_TOKEN}\n") and all(IMAGE_TOKEN not in m["content"] for m in messages[1:])
+    ids = torch.tensor([student_llm.token_ids(tiny_tokenizer, messages)])
+    assert int((ids == context.image_id).sum()) == student_llm.CELLS
+
+    embeddings = torch.nn.Embedding(len(tiny_tokenizer), 16)
+    embedded = context.embed(embeddings, ids, [objects])[0, ids[0] == context.image_id]  # [9, 16]
+
+    def word(text: str) -> torch.Tensor:
+        return embeddings.weight[tiny_tokenizer(" " + text, add_special_tokens=False).input_ids].mean(0)
+
+    held = set()
+    for obj in objects:
+        cell = min(int(obj.y * 3), 2) * 3 + min(int(obj.x * 3), 2)
+        expected = torch.stack([word(obj.shape), word(obj.colour), word(obj.size), word(POSITIONS[cell])]).mean(0)
+        torch.testing.assert_close(embedded[cell], expected)
+        held.add(cell)
+    for cell in set(range(9)) - held:  # nothing there: the image token's own embedding
+        torch.testing.assert_close(embedded[cell], embeddings.weight[context.image_id])
+
+
+def test_align_refuses_a_student_llm_whose_weights_are_not_the_pinned_ones(tiny_tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    digest = files_sha256(sorted(tmp_path.glob("*.safetensors")))
+    check_pinned_llm(str(tmp_path), digest)
+    with pytest.raises(CheckpointError, match="align.student.sha256 expects 0{64}"):
+        check_pinned_llm(str(tmp_path), "0" * 64)
+
+
+def test_a_pin_without_a_pretrained_llm_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ParamsError, match="align.student.sha256"):
+        load_params(write_params(tmp_path, {"align": {"student": {"llm": "init", "sha256": "0" * 64}}}))
