@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--context", choices=["cells", "caption"], default="cells", help="how the scene stands where the image would")
     parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
     parser.add_argument("--init", type=Path, help="continue from this folder's LLM instead of a fresh one (a new schedule)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LLM's initialisation (the corpus is always the same)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args()
     params = load_params(args.params)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(REPO / params.curate.tokenizer.source)
     text = params.align.student.text
     if args.intermediate_size:
@@ -185,7 +186,7 @@ def main() -> None:
     scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    metrics = {"context": args.context, "init": str(args.init) if args.init else "fresh", "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
+    metrics = {"context": args.context, "init": str(args.init) if args.init else f"fresh, seed {args.seed}", "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{args.steps} steps in {seconds:.0f} s, loss {metrics['final_loss']:.3f}; in-context answers on {args.eval_scenes} fresh scenes: "
           + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
