@@ -106,11 +106,11 @@ def conversation(rng: random.Random, spec: WorldParams, context: SceneContext) -
     return messages, scene.objects
 
 
-def token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Every token of a whole conversation, all of which the LM learns (model/data.py masks all but the answers)."""
+def token_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A whole conversation's tokens and labels: the LM learns every text token (model/data.py masks all but the answers), no image position."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    return expand_image_tokens(tokenizer, ids, ids, CELLS)[0]
+    return expand_image_tokens(tokenizer, ids, ids, CELLS)
 
 
 def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float) -> list[float]:
@@ -123,13 +123,12 @@ def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: 
     for _ in tqdm(range(steps), desc="student LLM", unit="step"):
         records = [conversation(rng, spec, context) for _ in range(batch_size)]
         batch = [token_ids(tokenizer, messages) for messages, _ in records]
-        longest = max(map(len, batch))
+        longest = max(len(ids) for ids, _ in batch)
         inputs = torch.full((batch_size, longest), pad)
         labels = torch.full((batch_size, longest), -100)
-        for i, ids in enumerate(batch):
-            inputs[i, : len(ids)] = labels[i, : len(ids)] = torch.tensor(ids)
-        attention = (labels != -100).long()
-        labels[inputs == context.image_id] = -100
+        attention = torch.zeros((batch_size, longest), dtype=torch.long)
+        for i, (ids, targets) in enumerate(batch):
+            inputs[i, : len(ids)], labels[i, : len(ids)], attention[i, : len(ids)] = torch.tensor(ids), torch.tensor(targets), 1
         embedded = context.embed(model.get_input_embeddings(), inputs, [objects for _, objects in records])
         loss = model(inputs_embeds=embedded, attention_mask=attention, labels=labels).loss
         loss.backward()

@@ -55,7 +55,7 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
-from model.errors import TinymodError
+from model.errors import CheckpointError, TinymodError  # noqa: F401 - CheckpointError is imported from here too
 from model.tokenizer import IMAGE_TOKEN
 from model.config import TextParams, VisionParams
 
@@ -65,10 +65,6 @@ transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: the
 # An MoE student without a shared expert has one of zero width (exactly nothing, see model/upcycle.py);
 # torch warns that initialising it does nothing, in every stage and rank that builds one.
 warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op", category=UserWarning)
-
-
-class CheckpointError(TinymodError, ValueError):
-    """A checkpoint that tinymod refuses to load, with what is wrong and what to do."""
 
 
 def vision_config(v: VisionParams) -> CLIPVisionConfig:

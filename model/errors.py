@@ -7,3 +7,7 @@ without importing torch and transformers before its work starts.
 
 class TinymodError(Exception):
     """A failure whose message says what went wrong and what to do."""
+
+
+class CheckpointError(TinymodError, ValueError):
+    """A checkpoint that tinymod refuses to load, with what is wrong and what to do."""

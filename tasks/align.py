@@ -25,16 +25,17 @@ from pathlib import Path
 
 from transformers import AutoProcessor, AutoTokenizer
 
-from model.builders import CheckpointError, build_student, load_llava, save_checkpoint
+from model.builders import build_student, load_llava, save_checkpoint
 from model.vision_pretrain import pretrain_vision
-from tasks.common import StagePaths, files_sha256, run_stage
+from tasks.common import StagePaths, check_pinned_weights, run_stage
 from tasks.params import Params
 from tasks.training import Job, run_job, stage_files, train_summary
 
 
 def align(params: Params, paths: StagePaths) -> dict:
     section = params.align
-    check_pinned_llm(section.student.llm, section.student.sha256)
+    if section.student.llm != "init":
+        check_pinned_weights(Path(section.student.llm), section.student.sha256, "align.student.sha256", "align.student.llm", " (students/README.md remakes the shipped ones)")
 
     def build(out: Path) -> dict:
         teacher = load_llava(paths.teacher)
@@ -61,20 +62,6 @@ def align(params: Params, paths: StagePaths) -> dict:
         teacher=paths.teacher,
     )
     return run_job(params, paths, job, build_init=build)
-
-
-
-def check_pinned_llm(llm: str, pinned: str | None) -> None:
-    """Refuse a pretrained student LLM whose weights are not the ones ``align.student.sha256`` pins."""
-    if llm == "init" or pinned is None:
-        return
-    digest = files_sha256(sorted(Path(llm).glob("*.safetensors")))
-    if digest != pinned:
-        raise CheckpointError(
-            f"student LLM {llm}: weights have SHA-256 {digest}, align.student.sha256 expects {pinned}. "
-            "The folder changed since it was pinned, or align.student.llm now names another one: restore it "
-            "(bench/student_llm.py remakes students/embedded), or set align.student.sha256 to the new hash (or null, to pin nothing)."
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from model.errors import TinymodError
+from model.errors import CheckpointError, TinymodError
 from model.jsonl import read_jsonl  # noqa: F401 - the stages read JSONL through tasks.common
 from tasks.params import STUDENT_STAGES, Params
 
@@ -40,6 +40,22 @@ def files_sha256(files: Iterable[Path]) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over a checkpoint's ``*.safetensors`` files in name order."""
+    return files_sha256(sorted(Path(folder).glob("*.safetensors")))
+
+
+def check_pinned_weights(folder: Path, pinned: str | None, key: str, source_key: str, remake: str = "") -> str:
+    """The weights' SHA-256; refuses them when the params' ``key`` pins other weights (None pins nothing)."""
+    digest = weights_sha256(folder)
+    if pinned and digest != pinned:
+        raise CheckpointError(
+            f"{folder}: weights have SHA-256 {digest}, {key} expects {pinned}. The checkpoint changed since it was "
+            f"pinned, or {source_key} now names another one: restore it{remake}, or set {key} to the new hash (or null, to pin nothing)."
+        )
+    return digest
 
 
 class StagePaths:

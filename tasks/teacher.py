@@ -33,7 +33,7 @@ from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
 from model.world import fingerprint as world_fingerprint
-from tasks.common import StagePaths, files_sha256, read_jsonl, run_stage, write_json
+from tasks.common import StagePaths, check_pinned_weights, read_jsonl, run_stage, weights_sha256, write_json
 from tasks.params import TRAINED_ON, Params, trained_on_record, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
 
@@ -87,11 +87,6 @@ def trained_on(params: Params) -> dict:
     }
 
 
-def weights_sha256(folder: Path) -> str:
-    """SHA-256 over a checkpoint's ``*.safetensors`` files in name order."""
-    return files_sha256(sorted(folder.glob("*.safetensors")))
-
-
 def check_world(params: Params, folder: Path) -> None:
     """A teacher trained on the embedded world only fits that world: refuse it when ``curate.world`` changed."""
     if not params.uses_world:
@@ -129,13 +124,7 @@ def teacher_checks(probes: dict) -> dict:
 def import_teacher(params: Params, paths: StagePaths) -> dict:
     source = fetch(params.teacher.source, paths.runs / "s3")
     validate_checkpoint(source, student_tokenizer=AutoTokenizer.from_pretrained(paths.tokenizer))
-    digest = weights_sha256(source)
-    if params.teacher.sha256 and digest != params.teacher.sha256:
-        raise CheckpointError(
-            f"teacher {params.teacher.source}: weights have SHA-256 {digest}, teacher.sha256 expects {params.teacher.sha256}. "
-            "The checkpoint changed since it was pinned, or teacher.source now names another one: restore it, or set "
-            "teacher.sha256 to the new hash (or null, to pin nothing)."
-        )
+    digest = check_pinned_weights(source, params.teacher.sha256, "teacher.sha256", "teacher.source")
     check_world(params, source)
     tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tasks.align import check_pinned_llm
+from tasks.common import weights_sha256
 from tasks.params import REPO, load_params
 
 from .conftest import write_params
@@ -84,4 +84,5 @@ def test_every_variant_is_a_valid_pipeline_and_its_student_llm_is_the_pinned_one
     overrides, _, models = ablation.VARIANTS[variant]
     params = load_params(write_params(tmp_path, overrides))
     assert set(models) <= set(params.evaluated_models)
-    check_pinned_llm(str(REPO / params.align.student.llm), params.align.student.sha256)
+    if params.align.student.llm != "init":  # a stale pin in bench/ablation.py would fail the variant at its align stage
+        assert weights_sha256(REPO / params.align.student.llm) == params.align.student.sha256

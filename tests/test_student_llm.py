@@ -16,8 +16,8 @@ from model.builders import CheckpointError, build_student, text_config
 from model.config import SHAPES_DRAWN, WorldParams
 from model.tokenizer import IMAGE_TOKEN
 from model.vision_pretrain import POSITIONS
-from tasks.align import check_pinned_llm
-from tasks.common import files_sha256
+from tasks.align import align
+from tasks.common import StagePaths, weights_sha256
 from tasks.params import REPO, ParamsError, TextParams, load_params
 
 from .conftest import TINY_TEXT, write_params
@@ -70,7 +70,9 @@ def test_in_the_cells_context_each_object_is_one_position_holding_the_mean_of_it
     context = student_llm.SceneContext("cells", tiny_tokenizer, spec)
     messages, objects = student_llm.conversation(random.Random(3), spec, context)
     assert messages[0]["content"].startswith(f"{IMAGE_TOKEN}\n") and all(IMAGE_TOKEN not in m["content"] for m in messages[1:])
-    ids = torch.tensor([student_llm.token_ids(tiny_tokenizer, messages)])
+    ids, labels = map(torch.tensor, student_llm.token_ids(tiny_tokenizer, messages))
+    assert (labels[ids == context.image_id] == -100).all() and (labels[ids != context.image_id] == ids[ids != context.image_id]).all()
+    ids = ids[None]
     assert int((ids == context.image_id).sum()) == student_llm.CELLS
 
     embeddings = torch.nn.Embedding(len(tiny_tokenizer), 16)
@@ -89,13 +91,13 @@ def test_in_the_cells_context_each_object_is_one_position_holding_the_mean_of_it
         torch.testing.assert_close(embedded[cell], embeddings.weight[context.image_id])
 
 
-def test_align_refuses_a_student_llm_whose_weights_are_not_the_pinned_ones(tiny_tokenizer, tmp_path):
-    model = AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    digest = files_sha256(sorted(tmp_path.glob("*.safetensors")))
-    check_pinned_llm(str(tmp_path), digest)
-    with pytest.raises(CheckpointError, match="align.student.sha256 expects 0{64}"):
-        check_pinned_llm(str(tmp_path), "0" * 64)
+def test_align_refuses_a_student_llm_whose_weights_are_not_the_pinned_ones_before_any_work(tiny_tokenizer, tmp_path):
+    folder = tmp_path / "llm"
+    AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer)).save_pretrained(folder, safe_serialization=True)
+    assert weights_sha256(folder) != "0" * 64
+    params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder), "sha256": "0" * 64}}}))
+    with pytest.raises(CheckpointError, match=r"align.student.sha256 expects 0{64}.*students/README.md remakes"):
+        align(params, StagePaths(params, tmp_path))  # no teacher, no data: the pin is checked before either is read
 
 
 def test_a_pin_without_a_pretrained_llm_is_refused_before_any_work(tmp_path):
