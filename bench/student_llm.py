@@ -88,14 +88,21 @@ class SceneContext:
         ])  # fmt: skip
 
 
-def conversation(rng: random.Random, spec: WorldParams, context: SceneContext) -> tuple[list[dict], tuple]:
-    """One record about a fresh scene, shown as ``context`` says, then shuffled questions about it; and the scene's objects."""
+def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, colour_first: bool = False) -> tuple[list[dict], tuple]:
+    """One record about a fresh scene, shown as ``context`` says, then shuffled questions about it; and the scene's objects.
+
+    ``colour_first`` keeps every colour question among the six turns kept, so a record asks colour
+    about every object it can.
+    """
     scene = W.sample_scene(rng, spec, noisy=False)
     turns = [(question, answer) for _, question, answer in W.vqa_pairs(rng, scene.objects, spec, spec.qa_per_image)]
     objects = W._reading_order(scene.objects)
     if len({o.shape for o in objects}) == len(objects):
         turns += [W.lookup_turn(kind, o) for o in objects for kind in W.LOOKUP_KINDS]
     rng.shuffle(turns)
+    if colour_first:
+        turns = sorted(turns, key=lambda turn: not turn[0].startswith("What colour"))[:6]
+        rng.shuffle(turns)
     turns = turns[:6]
     if rng.random() < CAPTION_SHARE:
         turns = [("Describe the image.", W.caption(scene.objects)), *turns]
@@ -113,7 +120,7 @@ def token_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return expand_image_tokens(tokenizer, ids, ids, CELLS)
 
 
-def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float) -> list[float]:
+def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float, colour_first: bool = False) -> list[float]:
     """Plain causal-LM training on every text token of freshly drawn conversations; returns the loss per step."""
     rng = random.Random(CORPUS_SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -121,7 +128,7 @@ def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses = []
     for _ in tqdm(range(steps), desc="student LLM", unit="step"):
-        records = [conversation(rng, spec, context) for _ in range(batch_size)]
+        records = [conversation(rng, spec, context, colour_first) for _ in range(batch_size)]
         batch = [token_ids(tokenizer, messages) for messages, _ in records]
         longest = max(len(ids) for ids, _ in batch)
         inputs = torch.full((batch_size, longest), pad)
@@ -165,6 +172,7 @@ def main() -> None:
     parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
     parser.add_argument("--init", type=Path, help="continue from this folder's LLM instead of a fresh one (a new schedule)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LLM's initialisation (the corpus is always the same)")
+    parser.add_argument("--colour-first", action="store_true", help="keep every colour question a record can ask among its turns")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -180,12 +188,12 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
     context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
-    losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr)
+    losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first)
     seconds = time.perf_counter() - started
     scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    metrics = {"context": args.context, "init": str(args.init) if args.init else f"fresh, seed {args.seed}", "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
+    metrics = {"context": args.context, "init": str(args.init) if args.init else f"fresh, seed {args.seed}", "colour_first": args.colour_first, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{args.steps} steps in {seconds:.0f} s, loss {metrics['final_loss']:.3f}; in-context answers on {args.eval_scenes} fresh scenes: "
           + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
