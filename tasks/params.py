@@ -243,7 +243,7 @@ class StudentParams(Section):
     (made by bench/student_llm.py; README, "The students")."""
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     """SHA-256 of the pretrained LLM's weights (its *.safetensors files in name order); align refuses others. null with `llm: init`."""
-    text: TextParams = TextParams(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2)
+    text: TextParams = TextParams(hidden_size=128, intermediate_size=384, layers=2, heads=4, kv_heads=2)
     """LLM of the student when `llm: init`."""
 
 
