@@ -545,11 +545,13 @@ def fingerprint(spec: WorldParams) -> str:
     A trained teacher keeps it beside the ``curate.world`` it learned from. A change to this module
     that writes other records (one more turn per conversation, another answer format) leaves
     ``curate.world`` as it was, and without this a teacher trained on the old records would still
-    be imported as if it fitted the new ones.
+    be imported as if it fitted the new ones. The preference split is left out: a teacher never
+    trains on it (it is the students' DPO data), so a new kind of preference pair still fits it.
     """
     counts = {split: 8 for split in ("general", "multitask", "preference", "probes", "lookup")}
     world = generate_world(spec, counts, spec.seed, spec.qa_per_image, spec.pope_per_image)
-    digest = hashlib.sha256(json.dumps([world.splits, world.probes], sort_keys=True).encode())
+    taught = {split: records for split, records in world.splits.items() if split != "preference"}
+    digest = hashlib.sha256(json.dumps([taught, world.probes], sort_keys=True).encode())
     for name in sorted(world.images):
         digest.update(name.encode())
         digest.update(render(world.images[name], spec).tobytes())

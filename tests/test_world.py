@@ -104,7 +104,7 @@ def test_preference_pairs_chosen_is_faithful():
             assert set(W.object_mentions(record["chosen"], SPEC.shapes)) == scene.shapes
 
 
-def test_omission_pairs_reject_a_caption_missing_one_real_object_and_leave_the_probes_alone():
+def test_omission_pairs_reject_a_caption_missing_one_real_object_and_leave_probes_and_teacher_alone():
     world = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
     omissions = [r for r in world.splits["preference"] if r["pair_type"] == "omission"]
     assert omissions and len(omissions) < len(world.splits["preference"])
@@ -115,10 +115,12 @@ def test_omission_pairs_reject_a_caption_missing_one_real_object_and_leave_the_p
     try:
         W.OMISSION_SHARE = 0.0
         before = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
+        before_fingerprint = W.fingerprint(SPEC)
     finally:
         W.OMISSION_SHARE = without
     assert before.probes == world.probes and before.splits["multitask"] == world.splits["multitask"]
     assert not [r for r in before.splits["preference"] if r["pair_type"] == "omission"]
+    assert W.fingerprint(SPEC) == before_fingerprint  # a teacher never trains on preference pairs: it still fits
 
 
 def test_object_mentions_reads_plurals_and_ignores_other_words():
