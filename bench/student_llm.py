@@ -149,7 +149,8 @@ def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: 
 
 @torch.no_grad()
 def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneContext, scenes: int) -> dict[str, float]:
-    """Greedy answers to one question of every type about fresh scenes in ``context``, scored as the second scorer scores VQA."""
+    """Greedy answers to one question of every type about fresh scenes in ``context``, scored as the second scorer scores VQA,
+    and the share of each scene's shapes its caption names (object recall)."""
     model.eval()
     rng = random.Random(EVAL_SEED)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -162,7 +163,14 @@ def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneConte
             out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=pad)
             total[qtype] += 1
             right[qtype] += words(tokenizer.decode(out[0], skip_special_tokens=True)) == words(answer)
-    return {"accuracy": sum(right.values()) / sum(total.values())} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
+        prompt = torch.tensor([encode_prompt(tokenizer, [{"from": "human", "value": f"{context.text(scene.objects)}\n{W.CAPTION_PROMPT_FOR_EVAL}"}], CELLS)])
+        embedded = context.embed(model.get_input_embeddings(), prompt, [scene.objects])
+        out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=64, do_sample=False, pad_token_id=pad)
+        named = set(W.object_mentions(tokenizer.decode(out[0], skip_special_tokens=True), spec.shapes))
+        right["caption"] += len(named & scene.shapes)
+        total["caption"] += len(scene.shapes)
+    accuracy = {"accuracy": sum(right[t] for t in W.VQA_TYPES) / sum(total[t] for t in W.VQA_TYPES)} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
+    return accuracy | {"caption_recall": right["caption"] / total["caption"]}
 
 
 def main() -> None:
