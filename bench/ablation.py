@@ -12,8 +12,9 @@ run-cache (the teacher has its own seed) and only the student stages train:
     dense_kd           llava_mod stopped after mimic_dense: the dense KD student alone, claim (a) in half the time
     dense_same_active  the same stages with a dense student as wide as the MoE's active FFN
                        (upcycled to 1 expert, top-1: a dense FFN in MoE form), its LLM
-                       students/embedded-wide (with --set align.student.llm=init
-                       --set align.student.sha256=null both arms start fresh)
+                       students/embedded-wide, students/embedded widened with the same function
+                       (with --set align.student.llm=init --set align.student.sha256=null both
+                       arms start fresh)
     llava_mod_live     llava_mod's mimic stages with the teacher live instead of cached (the cache's quality check)
     llava_mod_kl_only, dense_same_active_kl_only   llava_mod and its dense control with the mimic stages'
                        KL alone, LLaVA-MoD's released objective (the recipe adds ce on the annotations)
@@ -50,11 +51,12 @@ from workspace import dotted_overrides, dvc_env, make_workspace
 
 # The mimic stages on the KL alone: LLaVA-MoD's released objective (the recipe adds ce on the annotations).
 KL_ONLY = {"mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce": 0.0}}}
-# Claim (b)'s control: FFN 384, the MoE's mean active width (top-2 of 256 in layer 0, 256 in layer 1).
-# A pretrained student LLM fixes its own width, so the control starts from students/embedded-wide, made
-# as students/embedded is at that width (`bench/student_llm.py students/embedded-wide --intermediate-size 384`).
-WIDE_LLM = {"llm": "students/embedded-wide", "sha256": "7f790184b3d8fd5305bd7fff4d9ef6019c8a7a97121958ff7971976c7c9f7e78"}
-DENSE_SAME_ACTIVE = {"align": {"student": {**WIDE_LLM, "text": {"intermediate_size": 384}}}, "upcycle": {"num_experts": 1, "top_k": 1}}
+# Claim (b)'s control: FFN 576, the MoE's mean active width (top-2 of 384 in layer 0, 384 in layer 1).
+# A pretrained student LLM fixes its own width, so the control starts from students/embedded-wide:
+# students/embedded widened to 576 with the same function (`bench/student_llm.py students/embedded-wide
+# --widen students/embedded --intermediate-size 576`), as the MoE's experts start as its FFN's copies.
+WIDE_LLM = {"llm": "students/embedded-wide", "sha256": "e9cbc53ec195bc05458d8b7cccfb4cfb193139f420dbf5fd94e33191fdd74312"}
+DENSE_SAME_ACTIVE = {"align": {"student": {**WIDE_LLM, "text": {"intermediate_size": 576}}}, "upcycle": {"num_experts": 1, "top_k": 1}}
 
 # variant -> (params overrides, last DVC stage, {model key: row label})
 VARIANTS = {

@@ -27,6 +27,10 @@ loads it), and prints the in-context answer accuracy per question type on fresh 
 OUT/tinymod_metrics.json).
 
     python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--steps 1500] [--init FOLDER]
+
+``--widen FOLDER --intermediate-size N`` trains nothing: it writes FOLDER's LLM with every FFN N
+wide, computing the same function (claim (b)'s dense control starts from the MoE student's own
+LLM, as the MoE's experts do; see :func:`widen`).
 """
 
 from __future__ import annotations
@@ -148,6 +152,32 @@ def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: 
 
 
 @torch.no_grad()
+def widen(model, intermediate_size: int, seed: int):
+    """``model`` with every FFN ``intermediate_size`` wide, computing the same function.
+
+    The new neurons' gate and up rows are drawn as a fresh LLM's are, and their down-projection
+    columns are zero: they add nothing until training moves those columns, and unlike copied
+    neurons they get gradients of their own from the first step. The dense control of claim (b)
+    so starts from exactly the LLM the MoE student is upcycled from (whose experts are copies of
+    its FFNs), and the two arms differ in their FFNs' shape alone.
+    """
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "intermediate_size": intermediate_size})
+    torch.manual_seed(seed)
+    wide = type(model)(config)
+    grown = wide.state_dict()
+    for name, weight in model.state_dict().items():
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            grown[name][: weight.shape[0]] = weight
+        elif name.endswith("down_proj.weight"):
+            grown[name].zero_()
+            grown[name][:, : weight.shape[1]] = weight
+        else:
+            grown[name].copy_(weight)
+    wide.load_state_dict(grown)
+    return wide
+
+
+@torch.no_grad()
 def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneContext, scenes: int) -> dict[str, float]:
     """Greedy answers to one question of every type about fresh scenes in ``context``, scored as the second scorer scores VQA,
     and the share of each scene's shapes its caption names (object recall)."""
@@ -179,6 +209,7 @@ def main() -> None:
     parser.add_argument("--context", choices=["cells", "caption"], default="cells", help="how the scene stands where the image would")
     parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
     parser.add_argument("--init", type=Path, help="continue from this folder's LLM instead of a fresh one (a new schedule)")
+    parser.add_argument("--widen", type=Path, help="train nothing: this folder's LLM with every FFN --intermediate-size wide, the same function")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LLM's initialisation (the corpus is always the same)")
     parser.add_argument("--colour-first", action="store_true", help="keep every colour question a record can ask among its turns")
     parser.add_argument("--steps", type=int, default=1500)
@@ -193,18 +224,25 @@ def main() -> None:
     text = params.align.student.text
     if args.intermediate_size:
         text = text.model_copy(update={"intermediate_size": args.intermediate_size})
-    model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
     context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
-    losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first)
+    if args.widen:
+        if not args.intermediate_size:
+            parser.error("--widen needs --intermediate-size, the new FFN width")
+        model, losses, args.steps = widen(AutoModelForCausalLM.from_pretrained(args.widen), args.intermediate_size, args.seed), [], 0
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
+        losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first)
     seconds = time.perf_counter() - started
     scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    metrics = {"context": args.context, "init": str(args.init) if args.init else f"fresh, seed {args.seed}", "colour_first": args.colour_first, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "in_context": scores}
+    init = f"widened from {args.widen}" if args.widen else str(args.init) if args.init else f"fresh, seed {args.seed}"
+    final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else None
+    metrics = {"context": args.context, "init": init, "colour_first": args.colour_first, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": final_loss, "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"{args.steps} steps in {seconds:.0f} s, loss {metrics['final_loss']:.3f}; in-context answers on {args.eval_scenes} fresh scenes: "
-          + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
+    trained = f"{args.steps} steps in {seconds:.0f} s, loss {final_loss:.3f}" if losses else init
+    print(f"{trained}; in-context answers on {args.eval_scenes} fresh scenes: " + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
 
 
 if __name__ == "__main__":

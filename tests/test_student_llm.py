@@ -103,3 +103,15 @@ def test_align_refuses_a_student_llm_whose_weights_are_not_the_pinned_ones_befor
 def test_a_pin_without_a_pretrained_llm_is_refused_before_any_work(tmp_path):
     with pytest.raises(ParamsError, match="align.student.sha256"):
         load_params(write_params(tmp_path, {"align": {"student": {"llm": "init", "sha256": "0" * 64}}}))
+
+
+def test_widen_keeps_the_function_and_gives_the_new_neurons_gradients(tiny_tokenizer):
+    torch.manual_seed(0)
+    narrow = AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer)).eval()
+    wide = student_llm.widen(narrow, TINY_TEXT["intermediate_size"] + 32, seed=1).eval()
+    assert wide.config.intermediate_size == TINY_TEXT["intermediate_size"] + 32
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    torch.testing.assert_close(wide(ids).logits, narrow(ids).logits)
+    wide(ids).logits.square().mean().backward()
+    new_columns = wide.model.layers[0].mlp.down_proj.weight.grad[:, TINY_TEXT["intermediate_size"] :]
+    assert new_columns.abs().sum() > 0
