@@ -211,8 +211,6 @@ def write_review(params: Params, paths: StagePaths, scores: dict, checks: list[d
         "",
         "| metric | teacher | student | delta |",
         "|---|---:|---:|---:|",
-        "| metric | teacher | student | delta |",
-        "|---|---:|---:|---:|",
     ]
     for label, *_ in HEADLINE:
         if label in s and label in t:

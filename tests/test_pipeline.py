@@ -80,6 +80,7 @@ def test_the_student_is_registered_with_lineage_gate_and_review(project):
     assert {"review/review.md", "review/eval.json", "review/data_card.md"} <= artifacts
     review = (project / "reports/review.md").read_text()
     assert "| VQA acc |" in review and "## Gate" in review and "active / total" in review and "## Training" in review
+    assert review.count("| metric | teacher | student | delta |") == 1, "one header over the metrics table"
     assert f"Version {version.version}, aliases: @candidate, @champion. `champion` points to version {version.version}." in review
     data = review.split("## Data", 1)[1]
     assert "| general |" in data and "| multitask |" in data, "the data card's per-split table"
