@@ -99,19 +99,20 @@ def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, c
     about every object it can.
     """
     scene = W.sample_scene(rng, spec, noisy=False)
-    turns = [(question, answer) for _, question, answer in W.vqa_pairs(rng, scene.objects, spec, spec.qa_per_image)]
+    turns = W.vqa_pairs(rng, scene.objects, spec, spec.qa_per_image)  # (kind, question, answer)
     objects = W._reading_order(scene.objects)
     if len({o.shape for o in objects}) == len(objects):
-        turns += [W.lookup_turn(kind, o) for o in objects for kind in W.LOOKUP_KINDS]
+        turns += [(kind, *W.lookup_turn(kind, o)) for o in objects for kind in W.LOOKUP_KINDS]
     rng.shuffle(turns)
     if colour_first:
-        turns = sorted(turns, key=lambda turn: not turn[0].startswith("What colour"))[:6]
-        rng.shuffle(turns)
+        turns = sorted(turns, key=lambda turn: turn[0] != "colour")
     turns = turns[:6]
+    if colour_first:
+        rng.shuffle(turns)
     if rng.random() < CAPTION_SHARE:
-        turns = [("Describe the image.", W.caption(scene.objects)), *turns]
+        turns = [("caption", "Describe the image.", W.caption(scene.objects)), *turns]
     messages = []
-    for i, (question, answer) in enumerate(turns):
+    for i, (_, question, answer) in enumerate(turns):
         content = f"{context.text(scene.objects)}\n{question}" if i == 0 else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return messages, scene.objects
@@ -185,18 +186,19 @@ def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneConte
     rng = random.Random(EVAL_SEED)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     right, total = Counter(), Counter()
+
+    def reply(objects, question: str, max_new_tokens: int) -> str:
+        prompt = torch.tensor([encode_prompt(tokenizer, [{"from": "human", "value": f"{context.text(objects)}\n{question}"}], CELLS)])
+        embedded = context.embed(model.get_input_embeddings(), prompt, [objects])
+        out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
     for _ in range(scenes):
         scene = W.sample_scene(rng, spec, noisy=False)
         for qtype, question, answer in W.vqa_pairs(rng, scene.objects, spec, len(W.VQA_TYPES)):
-            prompt = torch.tensor([encode_prompt(tokenizer, [{"from": "human", "value": f"{context.text(scene.objects)}\n{question}"}], CELLS)])
-            embedded = context.embed(model.get_input_embeddings(), prompt, [scene.objects])
-            out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=pad)
             total[qtype] += 1
-            right[qtype] += words(tokenizer.decode(out[0], skip_special_tokens=True)) == words(answer)
-        prompt = torch.tensor([encode_prompt(tokenizer, [{"from": "human", "value": f"{context.text(scene.objects)}\n{W.CAPTION_PROMPT_FOR_EVAL}"}], CELLS)])
-        embedded = context.embed(model.get_input_embeddings(), prompt, [scene.objects])
-        out = model.generate(inputs_embeds=embedded, attention_mask=torch.ones_like(prompt), max_new_tokens=64, do_sample=False, pad_token_id=pad)
-        named = set(W.object_mentions(tokenizer.decode(out[0], skip_special_tokens=True), spec.shapes))
+            right[qtype] += words(reply(scene.objects, question, 12)) == words(answer)
+        named = set(W.object_mentions(reply(scene.objects, W.CAPTION_PROMPT_FOR_EVAL, 64), spec.shapes))
         right["caption"] += len(named & scene.shapes)
         total["caption"] += len(scene.shapes)
     accuracy = {"accuracy": sum(right[t] for t in W.VQA_TYPES) / sum(total[t] for t in W.VQA_TYPES)} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
@@ -229,7 +231,7 @@ def main() -> None:
     if args.widen:
         if not args.intermediate_size:
             parser.error("--widen needs --intermediate-size, the new FFN width")
-        model, losses, args.steps = widen(AutoModelForCausalLM.from_pretrained(args.widen), args.intermediate_size, args.seed), [], 0
+        model, losses = widen(AutoModelForCausalLM.from_pretrained(args.widen), args.intermediate_size, args.seed), []
     else:
         model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
         losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first)
@@ -239,9 +241,9 @@ def main() -> None:
     tokenizer.save_pretrained(args.out)
     init = f"widened from {args.widen}" if args.widen else str(args.init) if args.init else f"fresh, seed {args.seed}"
     final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else None
-    metrics = {"context": args.context, "init": init, "colour_first": args.colour_first, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": final_loss, "in_context": scores}
+    metrics = {"context": args.context, "init": init, "colour_first": args.colour_first, "steps": len(losses), "seconds": round(seconds, 1), "final_loss": final_loss, "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
-    trained = f"{args.steps} steps in {seconds:.0f} s, loss {final_loss:.3f}" if losses else init
+    trained = f"{len(losses)} steps in {seconds:.0f} s, loss {final_loss:.3f}" if losses else init
     print(f"{trained}; in-context answers on {args.eval_scenes} fresh scenes: " + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
 
 
