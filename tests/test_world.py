@@ -104,23 +104,19 @@ def test_preference_pairs_chosen_is_faithful():
             assert set(W.object_mentions(record["chosen"], SPEC.shapes)) == scene.shapes
 
 
-def test_omission_pairs_reject_a_caption_missing_one_real_object_and_leave_probes_and_teacher_alone():
+def test_omission_pairs_reject_a_caption_missing_one_real_object_and_leave_probes_and_teacher_alone(monkeypatch):
     world = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
+    fingerprint = W.fingerprint(SPEC)
     omissions = [r for r in world.splits["preference"] if r["pair_type"] == "omission"]
     assert omissions and len(omissions) < len(world.splits["preference"])
     for record in omissions:
         # every object after the first is introduced by " a " ("A large ..., a small ... and a ...")
         assert record["rejected"].count(" a ") + 1 == record["chosen"].count(" a ") == len(world.images[record["image"]].objects) - 1
-    without = W.OMISSION_SHARE
-    try:
-        W.OMISSION_SHARE = 0.0
-        before = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
-        before_fingerprint = W.fingerprint(SPEC)
-    finally:
-        W.OMISSION_SHARE = without
-    assert before.probes == world.probes and before.splits["multitask"] == world.splits["multitask"]
+    monkeypatch.setattr(W, "OMISSION_SHARE", 0.0)
+    before = W.generate_world(SPEC, COUNTS, seed=5, qa_per_image=4, pope_per_image=3)
     assert not [r for r in before.splits["preference"] if r["pair_type"] == "omission"]
-    assert W.fingerprint(SPEC) == before_fingerprint  # a teacher never trains on preference pairs: it still fits
+    assert before.probes == world.probes and before.splits["multitask"] == world.splits["multitask"]
+    assert W.fingerprint(SPEC) == fingerprint  # a teacher never trains on preference pairs: it still fits
 
 
 def test_object_mentions_reads_plurals_and_ignores_other_words():
