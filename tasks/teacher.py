@@ -33,7 +33,14 @@ from model.generate import score_probes
 from model.upcycle import parameter_counts
 from model.vision_pretrain import pretrain_vision
 from model.world import fingerprint as world_fingerprint
-from tasks.common import StagePaths, check_pinned_weights, read_jsonl, run_stage, weights_sha256, write_json
+from tasks.common import (
+    StagePaths,
+    check_pinned_weights,
+    read_jsonl,
+    run_stage,
+    weights_sha256,
+    write_json,
+)
 from tasks.params import TRAINED_ON, Params, trained_on_record, world_differences
 from tasks.training import Job, plot_history, run_job, stage_files
 
