@@ -58,7 +58,7 @@ from tasks.params import REPO, load_params
 
 CORPUS_SEED = 99  # not the world's: the text describes scenes no split or probe holds
 EVAL_SEED = 2026
-CAPTION_SHARE = 0.2  # records that also ask for the description, so the LM learns to write captions
+CAPTION_SHARE = 0.2  # records that also ask for the description, so the LM learns to write captions (--caption-share)
 CELLS = GRID * GRID
 
 
@@ -92,7 +92,7 @@ class SceneContext:
         ])  # fmt: skip
 
 
-def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, colour_first: bool = False) -> tuple[list[dict], tuple]:
+def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, colour_first: bool = False, caption_share: float = CAPTION_SHARE) -> tuple[list[dict], tuple]:
     """One record about a fresh scene, shown as ``context`` says, then shuffled questions about it; and the scene's objects.
 
     ``colour_first`` keeps every colour question among the six turns kept, so a record asks colour
@@ -109,7 +109,7 @@ def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, c
     turns = turns[:6]
     if colour_first:
         rng.shuffle(turns)
-    if rng.random() < CAPTION_SHARE:
+    if rng.random() < caption_share:
         turns = [("caption", "Describe the image.", W.caption(scene.objects)), *turns]
     messages = []
     for i, (_, question, answer) in enumerate(turns):
@@ -125,7 +125,9 @@ def token_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return expand_image_tokens(tokenizer, ids, ids, CELLS)
 
 
-def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float, colour_first: bool = False) -> list[float]:
+def pretrain(
+    model, tokenizer, spec: WorldParams, context: SceneContext, steps: int, batch_size: int, lr: float, colour_first: bool = False, caption_share: float = CAPTION_SHARE
+) -> list[float]:
     """Plain causal-LM training on every text token of freshly drawn conversations; returns the loss per step."""
     rng = random.Random(CORPUS_SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -133,7 +135,7 @@ def pretrain(model, tokenizer, spec: WorldParams, context: SceneContext, steps: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses = []
     for _ in tqdm(range(steps), desc="student LLM", unit="step"):
-        records = [conversation(rng, spec, context, colour_first) for _ in range(batch_size)]
+        records = [conversation(rng, spec, context, colour_first, caption_share) for _ in range(batch_size)]
         batch = [token_ids(tokenizer, messages) for messages, _ in records]
         longest = max(len(ids) for ids, _ in batch)
         inputs = torch.full((batch_size, longest), pad)
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--widen", type=Path, help="train nothing: this folder's LLM with every FFN --intermediate-size wide, the same function")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LLM's initialisation (the corpus is always the same)")
     parser.add_argument("--colour-first", action="store_true", help="keep every colour question a record can ask among its turns")
+    parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of records that open with the scene's description")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -234,14 +237,14 @@ def main() -> None:
         model, losses = widen(AutoModelForCausalLM.from_pretrained(args.widen), args.intermediate_size, args.seed), []
     else:
         model = AutoModelForCausalLM.from_pretrained(args.init) if args.init else AutoModelForCausalLM.from_config(text_config(text, tokenizer))
-        losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first)
+        losses = pretrain(model, tokenizer, params.curate.world, context, args.steps, args.batch_size, args.lr, args.colour_first, args.caption_share)
     seconds = time.perf_counter() - started
     scores = in_context_accuracy(model, tokenizer, params.curate.world, context, args.eval_scenes)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     init = f"widened from {args.widen}" if args.widen else str(args.init) if args.init else f"fresh, seed {args.seed}"
     final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else None
-    metrics = {"context": args.context, "init": init, "colour_first": args.colour_first, "steps": len(losses), "seconds": round(seconds, 1), "final_loss": final_loss, "in_context": scores}
+    metrics = {"context": args.context, "init": init, "colour_first": args.colour_first, "caption_share": args.caption_share, "steps": len(losses), "seconds": round(seconds, 1), "final_loss": final_loss, "in_context": scores}
     (args.out / "tinymod_metrics.json").write_text(json.dumps(metrics, indent=2))
     trained = f"{len(losses)} steps in {seconds:.0f} s, loss {final_loss:.3f}" if losses else init
     print(f"{trained}; in-context answers on {args.eval_scenes} fresh scenes: " + ", ".join(f"{k.removeprefix('accuracy/')} {v:.3f}" for k, v in scores.items()))
