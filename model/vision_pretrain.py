@@ -69,35 +69,23 @@ def word_ids(tokenizer, words: list[str]) -> list[list[int]]:
 
 
 class WordTables(torch.nn.Module):
-    """Per attribute, the class vectors: an "empty" vector, then the mean input embedding of each word's tokens.
+    """Per attribute, the class vectors: a learned "empty" vector, then the mean input embedding of each word's tokens."""
 
-    The empty vector is learned per attribute, or, given ``empty_id``, that token's embedding for every
-    attribute (where a pretrained student LLM read empty cells).
-    """
-
-    def __init__(self, embeddings: torch.nn.Embedding, ids: list[list[list[int]]], empty_id: int | None = None):
+    def __init__(self, embeddings: torch.nn.Embedding, ids: list[list[list[int]]]):
         super().__init__()
         self.embeddings = embeddings
         self.ids = ids
-        self.empty_id = empty_id
-        if empty_id is None:
-            self.empty = torch.nn.Parameter(torch.randn(len(ids), embeddings.embedding_dim) * embeddings.weight.std())
+        self.empty = torch.nn.Parameter(torch.randn(len(ids), embeddings.embedding_dim) * embeddings.weight.std())
         self.log_scale = torch.nn.Parameter(torch.tensor(2.3))  # CLIP's temperature, from e^2.3 = 10
-
-    def table(self, k: int) -> torch.Tensor:
-        """``[classes, H]``: attribute ``k``'s empty vector, then its words' mean embeddings."""
-        empty = self.embeddings.weight[self.empty_id] if self.empty_id is not None else self.empty[k]
-        return torch.stack([empty] + [self.embeddings.weight[ids].mean(0) for ids in self.ids[k]])
 
     def logits(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Scaled cosine similarity of ``features [B, P, H]`` to each attribute's classes: ``[B, P, classes]`` each."""
         features = F.normalize(features, dim=-1)
-        return [self.log_scale.exp() * features @ F.normalize(self.table(k), dim=-1).T for k in range(len(self.ids))]
-
-    def cell_vectors(self, labels: torch.Tensor) -> torch.Tensor:
-        """``[B, P, H]`` for ``labels [B, 4, P]``: the mean of an occupied cell's four words' vectors, the empty vector where it is empty."""
-        words = torch.stack([self.table(k)[labels[:, k]] for k in range(len(self.ids))]).mean(0)
-        return torch.where((labels[:, 0] > 0)[..., None], words, self.table(0)[0])
+        out = []
+        for k, words in enumerate(self.ids):
+            table = torch.stack([self.empty[k]] + [self.embeddings.weight[ids].mean(0) for ids in words])
+            out.append(self.log_scale.exp() * features @ F.normalize(table, dim=-1).T)
+        return out
 
 
 def pretrain_vision(
@@ -113,7 +101,6 @@ def pretrain_vision(
     batch_size: int,
     seed: int,
     train_tower: bool = True,
-    cells_of_id: int | None = None,
 ) -> dict:
     """Train ``model``'s vision tower, projector and word embeddings in place; returns the loss and held-out cell accuracy.
 
@@ -121,14 +108,6 @@ def pretrain_vision(
     With ``train_tower=False`` the tower is left as it is and only the projector and the words move:
     how a student with a fresh LLM learns to put the teacher's (already text-aligned) features where
     its own words are.
-
-    With ``cells_of_id`` (a pretrained student LLM) the words stay as they are and each projected cell
-    is regressed onto the vector that LLM read for that cell in pretraining (``bench/student_llm.py``,
-    "cells"): the mean embedding of the cell's four words, the ``cells_of_id`` token's embedding where
-    the cell is empty. Scored by direction alone, as the fresh LLM's words are, the shipped student
-    LLM's projected cells pointed 0.13 (cosine) along those vectors at 16 times their norm, and the
-    LLM's words moved by 9%; fed the projected cells, the LLM's in-context captions named 0.63 of a
-    scene's shapes, against 0.97 with the cells it was trained on (150 fresh scenes).
     """
     torch.manual_seed(seed)
     info = json.loads((world_dir / "world.json").read_text())
@@ -145,44 +124,39 @@ def pretrain_vision(
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     vision = model.config.vision_config
     cells = patch_cells(vision.image_size // vision.patch_size)
-    tables = WordTables(model.get_input_embeddings(), [word_ids(tokenizer, w) for w in (shapes, colours, sizes, POSITIONS)], cells_of_id)
-    words = [] if cells_of_id is not None else [*tables.parameters()]
-    trained = [*projector.parameters(), *words, *(tower.parameters() if train_tower else [])]
+    tables = WordTables(model.get_input_embeddings(), [word_ids(tokenizer, w) for w in (shapes, colours, sizes, POSITIONS)])
+    trained = [*projector.parameters(), *tables.parameters(), *(tower.parameters() if train_tower else [])]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     held_out = max(1, len(names) // 10)
     train_n = len(names) - held_out
     layer = model.config.vision_feature_layer
     drop = 1 if model.config.vision_feature_select_strategy == "default" else 0  # CLIP's CLS; SigLIP has none
 
-    def projected(batch_pixels: torch.Tensor) -> torch.Tensor:
+    def logits(batch_pixels: torch.Tensor) -> list[torch.Tensor]:
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
             features = tower(batch_pixels, output_hidden_states=True).hidden_states[layer][:, drop:]
-        return projector(features)
+        return tables.logits(projector(features))
 
-    def loss_of(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if cells_of_id is not None:
-            return F.mse_loss(features, tables.cell_vectors(target).detach())
+    def loss_of(outs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         # Position is named only for objects: an empty cell has no position word to match.
         return sum(
             F.cross_entropy(out.transpose(1, 2), target[:, k], ignore_index=0 if ATTRIBUTES[k] == "position" else -100)
-            for k, out in enumerate(tables.logits(features))
+            for k, out in enumerate(outs)
         )
 
     tower.train(train_tower)
     loss = torch.tensor(0.0)
     for _ in range(steps):
         index = torch.randint(0, train_n, (batch_size,))
-        loss = loss_of(projected(pixels[index]), labels[index][:, :, cells])
+        loss = loss_of(logits(pixels[index]), labels[index][:, :, cells])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        features = projected(pixels[train_n:])
-        outs = tables.logits(features)
+        outs = logits(pixels[train_n:])
         target = labels[train_n:][:, :, cells]
         accuracy = {}
         for k, (name, out) in enumerate(zip(ATTRIBUTES, outs, strict=True)):
             scored = target[:, k] > 0 if name == "position" else torch.ones_like(target[:, k], dtype=torch.bool)
             accuracy[name] = round((out.argmax(-1) == target[:, k])[scored].float().mean().item(), 4)
-        fit = {"held_out_cell_cosine": round(F.cosine_similarity(features, tables.cell_vectors(target), dim=-1).mean().item(), 4)} if cells_of_id is not None else {}
-    return {"steps": steps, "final_loss": float(loss.detach()), "held_out_cell_accuracy": accuracy, **fit, "images": len(names)}
+    return {"steps": steps, "final_loss": float(loss.detach()), "held_out_cell_accuracy": accuracy, "images": len(names)}

@@ -386,37 +386,7 @@ class WorldRecords:
     cooccurrence: dict[str, dict[str, int]]
 
 
-OMISSION_SHARE = 0.5  # of caption pairs about two or more objects: the rejected caption misses one
-
-
-def _caption_missing_one(rng: random.Random, scene: Scene, spec: WorldParams) -> tuple[str, str]:
-    """A caption of ``scene`` with one real object left out, alone or in the place of something else; and which edit it is.
-
-    The students' captions miss an object in three ways (150 fresh scenes, the MoE student before
-    preference: 44 captions missed one): they name the partner the rest of the scene pulls in instead
-    (29), describe a named object a second time (15), or stop early (rare). The rejected caption
-    makes one of these edits with equal odds; a substitution drops an object whose absence leaves
-    an anchor without its partner, and where there is none it becomes a plain omission.
-    """
-    edit = rng.choice(("omission", "substitution", "repetition"))
-    objects = list(scene.objects)
-
-    def pulled_in(kept: list[WorldObject]) -> list[str]:
-        return sorted({p.partner for p in spec.pairings if p.anchor in {o.shape for o in kept} and p.partner not in scene.shapes})
-
-    if edit == "substitution":
-        droppable = [i for i in range(len(objects)) if pulled_in(objects[:i] + objects[i + 1 :])]
-        if droppable:
-            i = rng.choice(droppable)
-            kept = objects[:i] + objects[i + 1 :]
-            phantom = _new_object(rng, spec, rng.choice(pulled_in(kept)), kept)
-            if phantom is not None:
-                return caption([*kept, phantom]), edit
-    kept = objects[:]
-    kept.pop(rng.randrange(len(kept)))
-    if edit == "repetition":
-        return caption([*kept, rng.choice(kept)]), edit
-    return caption(kept), "omission"
+OMISSION_SHARE = 0.5  # of caption pairs about two or more objects: the rejected caption leaves one out
 
 
 def _preference_record(rng: random.Random, omission_rng: random.Random, scene: Scene, spec: WorldParams, image: str, idx: int) -> dict:
@@ -425,8 +395,8 @@ def _preference_record(rng: random.Random, omission_rng: random.Random, scene: S
     With phantom and recoloured captions alone as the rejected answers, DPO taught the student to
     stop early: after preference it named 1.68 of 2 and 2.25 of 3 objects (from 1.83 and 2.53) and
     object recall fell 0.91 -> 0.81. So half the caption pairs of scenes with two or more objects
-    reject a caption with one real object missing (:func:`_caption_missing_one`). ``omission_rng``
-    makes those draws, so the world's other draws (the probes among them) stay as they were.
+    reject the caption with one real object left out. ``omission_rng`` makes that choice, so the
+    world's other draws (the probes among them) stay as they were.
     """
     present = scene.shapes
     absent_partners = [p.partner for p in spec.pairings if p.anchor in present and p.partner not in present]
@@ -445,7 +415,9 @@ def _preference_record(rng: random.Random, omission_rng: random.Random, scene: S
             wrong[victim] = WorldObject(o.shape, colour, o.size, o.x, o.y)
         rejected, kind = caption(wrong), "caption"
         if len(scene.objects) >= 2 and omission_rng.random() < OMISSION_SHARE:
-            rejected, kind = _caption_missing_one(omission_rng, scene, spec)
+            kept = list(scene.objects)
+            kept.pop(omission_rng.randrange(len(kept)))
+            rejected, kind = caption(kept), "omission"
     else:
         absent = absent_partners or [s for s in spec.shapes if s not in present]
         # Half the pairs prefer "no" (about the absent partner a prior would pull in), half "yes":
