@@ -55,7 +55,7 @@ KL_ONLY = {"mimic_dense": {"loss": {"ce": 0.0}}, "mimic_sparse": {"loss": {"ce":
 # A pretrained student LLM fixes its own width, so the control starts from students/embedded-wide:
 # students/embedded widened to 576 with the same function (`bench/student_llm.py students/embedded-wide
 # --widen students/embedded --intermediate-size 576`), as the MoE's experts start as its FFN's copies.
-WIDE_LLM = {"llm": "students/embedded-wide", "sha256": "917956ae396c1740e57f248972a2b8deccaef064df8991f625ce5218ddc88387"}
+WIDE_LLM = {"llm": "students/embedded-wide", "sha256": "e9cbc53ec195bc05458d8b7cccfb4cfb193139f420dbf5fd94e33191fdd74312"}
 DENSE_SAME_ACTIVE = {"align": {"student": {**WIDE_LLM, "text": {"intermediate_size": 576}}}, "upcycle": {"num_experts": 1, "top_k": 1}}
 
 # variant -> (params overrides, last DVC stage, {model key: row label})
