@@ -7,7 +7,11 @@ checkpoint with ``AutoProcessor`` / ``AutoModelForImageTextToText`` and its own
 chat template, and scores the answers with its own few lines (POPE parsed as
 LLaVA's ``eval_pope.py``). Its figures must agree with ``metrics/eval.json``
 within sampling noise; it prints both, side by side, with the binomial standard
-error of each fresh figure.
+error of each fresh figure. It also splits object recall by what a scene holds
+(one object; several, none an anchor without its partner; several where the
+co-occurrence prior pulls in an absent partner) and counts how the captions
+that leave an object out fill its place (README, "Why the students name fewer
+objects than the teacher").
 
     python bench/fresh_scenes.py [--models teacher pref] [--images 300] [--seed 2026]
 """
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -90,6 +95,7 @@ def score(model, processor, probes: dict, images: dict, shapes: tuple[str, ...])
     captions = probes["caption"]
     said = ask(model, processor, [images[r["image"]] for r in captions], [W.CAPTION_PROMPT_FOR_EVAL] * len(captions), 64)
     mentioned = wrong = covered = truth_n = exposed = partner = 0
+    covered_in, objects_in, misses = Counter(), Counter(), Counter()
     for text, record in zip(said, captions, strict=True):
         named = {s for s in shapes if re.search(rf"\b{s}(e?s)?\b", text.lower())}
         mentioned += len(named)
@@ -98,11 +104,42 @@ def score(model, processor, probes: dict, images: dict, shapes: tuple[str, ...])
         truth_n += len(record["objects"])
         exposed += bool(record["absent_partners"])
         partner += bool(named & set(record["absent_partners"]))
+        group = scene_group(record)
+        covered_in[group] += len(named & set(record["objects"]))
+        objects_in[group] += len(record["objects"])
+        if set(record["objects"]) - named:
+            misses[miss_kind(text, named, record)] += 1
     out["chair_i"] = wrong / mentioned if mentioned else 0.0
     out["object_recall"] = covered / truth_n
     out["partner_hallucination"] = partner / exposed if exposed else 0.0
     out["partner_n"] = exposed
+    out |= {f"object_recall/{group}": covered_in[group] / objects_in[group] for group in SCENE_GROUPS if objects_in[group]}
+    out |= {f"captions_missing_an_object/{kind}": misses[kind] for kind in MISS_KINDS} | {"captions_n": len(captions)}
     return out
+
+
+# Where the students' object recall goes: the co-occurrence prior pulls in an absent partner only
+# where an anchor stands without it, and one object alone is never left out for another.
+SCENE_GROUPS = ("one object", "several, nothing pulled in", "several, a partner pulled in")
+MISS_KINDS = ("names a pulled-in partner", "names another wrong object", "names an object twice", "stops early")
+
+
+def scene_group(record: dict) -> str:
+    if len(record["objects"]) == 1:
+        return SCENE_GROUPS[0]
+    return SCENE_GROUPS[2] if record["absent_partners"] else SCENE_GROUPS[1]
+
+
+def miss_kind(text: str, named: set[str], record: dict) -> str:
+    """How a caption that leaves out one of ``record``'s objects fills its place (checked in this order)."""
+    phrases = [p.lower() for p in re.split(r", | and ", text.rstrip(".")) if p]
+    if named & set(record["absent_partners"]):
+        return MISS_KINDS[0]
+    if len(set(phrases)) < len(phrases):
+        return MISS_KINDS[2]
+    if len(phrases) < len(record["objects"]):
+        return MISS_KINDS[3]
+    return MISS_KINDS[1]
 
 
 # fresh figure -> (lmms-eval task, metric) in metrics/eval.json, and the count its standard error uses
@@ -144,6 +181,9 @@ def main() -> None:
             ref_text = f"{ref:9.3f} {value - ref:+7.3f}" if ref is not None else f"{'-':>9} {'':>7}"
             print(f"{figure:28} {value:7.3f} {se:6.3f} {ref_text}")
         print("by question type: " + ", ".join(f"{t} {results[name][f'vqa_{t}']:.3f}" for t in W.VQA_TYPES))
+        print("object recall by scene: " + ", ".join(f"{g} {results[name][f'object_recall/{g}']:.3f}" for g in SCENE_GROUPS if f"object_recall/{g}" in results[name]))
+        missing = {k: results[name][f"captions_missing_an_object/{k}"] for k in MISS_KINDS}
+        print(f"captions missing an object: {sum(missing.values())} of {results[name]['captions_n']} (" + ", ".join(f"{k} {n}" for k, n in missing.items()) + ")")
     out = Path(params.paths.metrics) / "fresh_scenes.json"
     out.write_text(json.dumps({"seed": args.seed, "images": args.images, "models": results}, indent=2) + "\n")
     print(f"\nwrote {out}")
