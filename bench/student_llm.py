@@ -105,10 +105,9 @@ def conversation(rng: random.Random, spec: WorldParams, context: SceneContext, c
         turns += [(kind, *W.lookup_turn(kind, o)) for o in objects for kind in W.LOOKUP_KINDS]
     rng.shuffle(turns)
     if colour_first:
-        turns = sorted(turns, key=lambda turn: turn[0] != "colour")
-    turns = turns[:6]
-    if colour_first:
+        turns = sorted(turns, key=lambda turn: turn[0] != "colour")[:6]
         rng.shuffle(turns)
+    turns = turns[:6]
     if rng.random() < caption_share:
         turns = [("caption", "Describe the image.", W.caption(scene.objects)), *turns]
     messages = []
