@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from fresh_scenes import ask
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from workspace import dvc_env
 
 STAGES = ("teacher_cache", "mimic_dense", "upcycle", "mimic_sparse", "preference", "evaluate")
 FIGURES = ("object_recall", "partner_hallucination", "chair_i")
@@ -65,12 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(args.run, args.out, symlinks=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     changed, total = caption_with_teacher(args.out)
     print(f"{changed} of {total} general captions differ from the annotations")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for stage in STAGES:
-        subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=args.out, env=env, check=True)
+        subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=args.out, env=dvc_env(), check=True)
     before, after = caption_figures(args.run), caption_figures(args.out)
     print(f"\n{'model':10} " + " ".join(f"{f:>30}" for f in (*FIGURES, "vqa_accuracy")) + "   (annotations -> teacher captions)")
     for name in after:
