@@ -26,7 +26,7 @@ It writes a Hugging Face causal LM that ``align.student.llm: OUT`` takes (plain 
 loads it), and prints the in-context answer accuracy per question type on fresh scenes (also in
 OUT/tinymod_metrics.json).
 
-    python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--steps 1500] [--init FOLDER]
+    python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--hidden-size N] [--steps 1500] [--init FOLDER]
 
 ``--widen FOLDER --intermediate-size N`` trains nothing: it writes FOLDER's LLM with every FFN N
 wide, computing the same function (claim (b)'s dense control starts from the MoE student's own
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for the causal LM (align.student.llm takes it)")
     parser.add_argument("--context", choices=["cells", "caption"], default="cells", help="how the scene stands where the image would")
     parser.add_argument("--intermediate-size", type=int, help="FFN width (default: align.student.text's; the dense control of claim (b) is wider)")
+    parser.add_argument("--hidden-size", type=int, help="residual width (default: align.student.text's; the teacher's LLM is 256 wide)")
     parser.add_argument("--init", type=Path, help="continue from this folder's LLM instead of a fresh one (a new schedule)")
     parser.add_argument("--widen", type=Path, help="train nothing: this folder's LLM with every FFN --intermediate-size wide, the same function")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LLM's initialisation (the corpus is always the same)")
@@ -228,6 +229,8 @@ def main() -> None:
     text = params.align.student.text
     if args.intermediate_size:
         text = text.model_copy(update={"intermediate_size": args.intermediate_size})
+    if args.hidden_size:
+        text = text.model_copy(update={"hidden_size": args.hidden_size})
     context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
     if args.widen:
