@@ -103,6 +103,7 @@ VARIANTS = {
         {"dft": "(8) LLaVA-KD: PT -> SFT -> DFT"},
     ),
 }
+SEEDS = [0, 1, 2]
 DEFAULT_VARIANTS = ["no_teacher", "llava_mod", "dense_same_active", "llava_mod_live", "llava_kd"]
 # Higher is better (True), lower (False) or neither (None), per headline figure.
 HIGHER = {label: up for label, _, _, up in HEADLINE}
@@ -257,7 +258,7 @@ def plot(data: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS), help="default: the four claims and the cache check; "
                         "LLaVA-KD's schedule ablation: no_teacher llava_kd llava_kd_dpt_sft llava_kd_pt_sft_dft")
     parser.add_argument("--name", default="ablation", help="reports/<name>.md, reports/plots/<name>.png, metrics/<name>.json (default: ablation)")
@@ -286,7 +287,9 @@ def main() -> None:
         "",
         f"Seeds {args.seeds}; every student scored by the evaluate stage (lmms-eval); {minutes:.0f} minutes in all.",
         "Reproduce: `python bench/ablation.py"
-        + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)} --name {args.name}")
+        + ("" if args.seeds == SEEDS else f" --seeds {' '.join(map(str, args.seeds))}")
+        + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)}")
+        + ("" if args.name == "ablation" else f" --name {args.name}")
         + "".join(f" --set {change}" for change in args.changes)
         + "`.",
         "",
