@@ -209,7 +209,10 @@ def claims(data: dict) -> list[str]:
             better = (ours["mean"] - theirs["mean"]) * (1 if HIGHER[column] else -1)
             spread = (ours["std"] ** 2 + theirs["std"] ** 2) ** 0.5
             verdict = "holds" if better > spread else "does not hold" if better < -spread else "within the seeds' spread"
-            if claim.startswith("(cache)"):
+            if len(ours["per_seed"]) < 2:
+                # No spread to weigh the difference against: a pilot's figure, not a verdict.
+                verdict = f"{better:+.3f} in its favour, one seed (no spread to judge by)"
+            elif claim.startswith("(cache)"):
                 # Here "holds" means the two are the same within noise.
                 verdict = "the same within the seeds' spread" if abs(better) <= spread else f"{'better' if better > 0 else 'worse'} beyond the seeds' spread"
             elif claim.startswith("(c) ...") and column in ("VQA acc", "object recall"):

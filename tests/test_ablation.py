@@ -67,6 +67,15 @@ def test_claim_verdicts():
     assert "(b)" not in lines and "(d)" not in lines  # rows (5) and (6) are missing: those claims are left out, not guessed
 
 
+def test_a_one_seed_run_reports_the_difference_without_a_verdict():
+    columns = {c: cell(0.3) for c in ablation.HIGHER}
+    rows = {"(1) no teacher": {**columns, "VQA acc": cell(0.30)}, "(2) dense KD": {**columns, "VQA acc": cell(0.50), "CHAIR-i": cell(0.4)}}
+    lines = "\n".join(ablation.claims(rows))
+    assert "VQA acc 0.500 vs 0.300: +0.200 in its favour, one seed (no spread to judge by)" in lines
+    assert "CHAIR-i 0.400 vs 0.300: -0.100 in its favour, one seed" in lines
+    assert "holds" not in lines and "does not hold" not in lines
+
+
 def test_set_changes_nest_by_their_dotted_key_and_a_malformed_one_is_refused():
     from workspace import dotted_overrides
 
