@@ -208,7 +208,6 @@ def claims(data: dict) -> list[str]:
             ours, theirs = rows[subject][column], rows[baseline][column]
             better = (ours["mean"] - theirs["mean"]) * (1 if HIGHER[column] else -1)
             spread = (ours["std"] ** 2 + theirs["std"] ** 2) ** 0.5
-            verdict = "holds" if better > spread else "does not hold" if better < -spread else "within the seeds' spread"
             if len(ours["per_seed"]) < 2:
                 # No spread to weigh the difference against: a pilot's figure, not a verdict.
                 verdict = f"{better:+.3f} in its favour, one seed (no spread to judge by)"
@@ -218,6 +217,8 @@ def claims(data: dict) -> list[str]:
             elif claim.startswith("(c) ...") and column in ("VQA acc", "object recall"):
                 # "no loss": the claim holds unless it is worse beyond the spread.
                 verdict = "no loss" if better > -spread else "a loss beyond the seeds' spread"
+            else:
+                verdict = "holds" if better > spread else "does not hold" if better < -spread else "within the seeds' spread"
             lines.append(f"  - {column} {ours['mean']:.3f} vs {theirs['mean']:.3f}: {verdict}{paired(ours, theirs, column)}")
         if any(column.startswith("CHAIR") for column in columns):
             # CHAIR counts hallucinated objects among those mentioned: captions that name nothing score perfectly.

@@ -227,10 +227,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(REPO / params.curate.tokenizer.source)
     text = params.align.student.text
-    if args.intermediate_size:
-        text = text.model_copy(update={"intermediate_size": args.intermediate_size})
-    if args.hidden_size:
-        text = text.model_copy(update={"hidden_size": args.hidden_size})
+    resized = {"intermediate_size": args.intermediate_size, "hidden_size": args.hidden_size}
+    text = text.model_copy(update={key: size for key, size in resized.items() if size})
     context = SceneContext(args.context, tokenizer, params.curate.world)
     started = time.perf_counter()
     if args.widen:
