@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 TEACHER_TERMS = ("kl_response", "kl_visual", "relation")  # the loss terms that read the teacher
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
 Split = Literal["general", "multitask", "preference", "lookup"]
+Share = Annotated[float, Field(gt=0.0, le=1.0)]
+# One share for all splits, or one per split; tagged so that a bad value is reported against its own form only.
+Shares = Annotated[
+    Annotated[Share, Tag("share")] | Annotated[dict[Split, Share], Tag("per_split")],
+    Discriminator(lambda value: "per_split" if isinstance(value, dict) else "share"),
+]
 Module = Literal[
     "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"
 ]
@@ -193,8 +199,12 @@ class TeacherUse(Section):
 class TrainingParams(Section):
     splits: list[Split] = Field(default_factory=lambda: ["general"], min_length=1)
     """Curated splits this stage trains on."""
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    """Share of those splits this stage sees (fixed by the seed); distillation pays off where it is small."""
+    fraction: Shares = 1.0
+    """Share of those splits this stage sees (fixed by the seed); distillation pays off where it is small.
+
+    One number: a share of all the splits' records together. A mapping, one share per split
+    (``{general: 0.4, multitask: 0.1}``): each split subsampled on its own, so a stage can see more of
+    one kind of record (captions) without more records of every kind."""
     modules: list[Module] = Field(default_factory=list)
     """Modules that train; everything else is frozen. Usually set by the recipe."""
     loss: LossWeights = LossWeights()
@@ -235,6 +245,14 @@ class TrainingParams(Section):
     """How the DeepSpeed job starts: torchrun (faster start) or the deepspeed launcher (multi-node hostfiles)."""
     hostfile: str | None = None
     """A DeepSpeed hostfile (see infra/deepspeed/hostfile.example) to spread the job over several nodes; needs launcher: deepspeed."""
+
+    @field_validator("fraction")
+    @classmethod
+    def _one_share_per_split(cls, fraction: float | dict[str, float], info: ValidationInfo) -> float | dict[str, float]:
+        splits = info.data.get("splits")  # absent when splits itself failed validation
+        if isinstance(fraction, dict) and splits is not None and set(fraction) != set(splits):
+            raise ValueError(f"shares given for {sorted(fraction)}, but the stage trains on {splits}: give one share per split, or one number for all")
+        return fraction
 
 
 class DPOParams(Section):

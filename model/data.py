@@ -106,8 +106,14 @@ def subsample(records: list[dict], fraction: float, seed: int) -> list[dict]:
     return [records[i] for i in sorted(order[:keep])]
 
 
-def stage_records(files: list[str], fraction: float, seed: int) -> list[dict]:
-    """The records a training stage reads: its split files, subsampled (the teacher cache reads the same)."""
+def stage_records(files: list[str], fraction: float | dict[str, float], seed: int) -> list[dict]:
+    """The records a training stage reads: its split files, subsampled (the teacher cache reads the same).
+
+    ``fraction`` is one share of all the files' records together, or one share per split, keyed by
+    the split's name (its file's stem).
+    """
+    if isinstance(fraction, dict):
+        return [record for path in files for record in subsample(list(read_jsonl(Path(path))), fraction[Path(path).stem], seed)]
     records = [record for path in files for record in read_jsonl(Path(path))]
     return subsample(records, fraction, seed)
 

@@ -475,9 +475,13 @@ def read_params_file(path: Path) -> dict:
 
 
 def _key_path(loc: tuple) -> list:
-    """``loc`` without the discriminator tag pydantic adds after an index of `curate.sources`."""
+    """``loc`` without the tags pydantic adds: a source's kind after an index of `curate.sources`, a fraction's form."""
     tags = ("world", "llava_json", "preference")
-    return [part for i, part in enumerate(loc) if not (part in tags and i and isinstance(loc[i - 1], int))]
+    return [
+        part
+        for i, part in enumerate(loc)
+        if not (part in tags and i and isinstance(loc[i - 1], int)) and not (part in ("share", "per_split") and i and loc[i - 1] == "fraction")
+    ]
 
 
 def _dotted(loc: tuple) -> str:

@@ -284,3 +284,28 @@ def test_a_training_stage_hands_its_job_one_typed_spec():
     bad["train"]["stepz"] = 3
     with pytest.raises(ValidationError, match="stepz"):
         JobSpec.model_validate(bad)
+
+
+def test_a_per_split_fraction_must_name_exactly_the_stages_splits(tmp_path):
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"mimic_dense": {"fraction": {"general": 0.5}}}))
+    problem = next(p for p in info.value.problems if p.key == "mimic_dense.fraction")
+    assert "['general', 'multitask']" in problem.message and "one share per split" in problem.message
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"mimic_dense": {"fraction": {"general": 1.5, "multitask": 0.1}}}))
+    assert [p.key for p in info.value.problems] == ["mimic_dense.fraction.general"]  # one problem, not one per form of the union
+
+
+def test_a_per_split_fraction_subsamples_each_split_on_its_own(tmp_path):
+    from model.data import stage_records
+
+    files = []
+    for split, n in [("general", 40), ("multitask", 160)]:
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{split}-{i}"}) + "\n" for i in range(n)))
+        files.append(str(path))
+    records = stage_records(files, {"general": 0.5, "multitask": 0.1}, seed=0)
+    kinds = [r["id"].split("-")[0] for r in records]
+    assert kinds.count("general") == 20 and kinds.count("multitask") == 16
+    assert records == stage_records(files, {"general": 0.5, "multitask": 0.1}, seed=0)  # the teacher cache reads the same records
+    assert len(stage_records(files, 0.1, seed=0)) == 20  # one number: a share of all the records together
