@@ -288,9 +288,9 @@ def test_a_training_stage_hands_its_job_one_typed_spec():
 
 def test_a_per_split_fraction_must_name_exactly_the_stages_splits(tmp_path):
     with pytest.raises(ParamsError) as info:
-        load_params(write_params(tmp_path, {"mimic_dense": {"fraction": {"general": 0.5}}}))
+        load_params(write_params(tmp_path, {"mimic_dense": {"fraction": {"general": 0.5, "multitask": 0.1, "lookup": 0.2}}}))
     problem = next(p for p in info.value.problems if p.key == "mimic_dense.fraction")
-    assert "['general', 'multitask']" in problem.message and "one share per split" in problem.message
+    assert "['general', 'lookup', 'multitask']" in problem.message and "one share per split" in problem.message
     with pytest.raises(ParamsError) as info:
         load_params(write_params(tmp_path, {"mimic_dense": {"fraction": {"general": 1.5, "multitask": 0.1}}}))
     assert [p.key for p in info.value.problems] == ["mimic_dense.fraction.general"]  # one problem, not one per form of the union
