@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -141,6 +142,17 @@ def run_variant(name: str, seed: int, workdir: Path, with_teacher: bool, threads
     result = {"scores": scores, "stage_seconds": seconds, "started": started, "finished": time.time(), "overrides": overrides}
     done.write_text(json.dumps(result))
     return result
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command line that reruns this report: every option that is not the default, quoted for a shell."""
+    return (
+        "python bench/ablation.py"
+        + ("" if args.seeds == SEEDS else f" --seeds {' '.join(map(str, args.seeds))}")
+        + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)}")
+        + ("" if args.name == "ablation" else f" --name {args.name}")
+        + "".join(f" --set {shlex.quote(change)}" for change in args.changes)
+    )
 
 
 def busy_seconds(runs: list[dict]) -> float:
@@ -290,12 +302,7 @@ def main() -> None:
         "# Ablation on the embedded world",
         "",
         f"Seeds {args.seeds}; every student scored by the evaluate stage (lmms-eval); {minutes:.0f} minutes in all.",
-        "Reproduce: `python bench/ablation.py"
-        + ("" if args.seeds == SEEDS else f" --seeds {' '.join(map(str, args.seeds))}")
-        + ("" if args.variants == DEFAULT_VARIANTS else f" --variants {' '.join(args.variants)}")
-        + ("" if args.name == "ablation" else f" --name {args.name}")
-        + "".join(f" --set {change}" for change in args.changes)
-        + "`.",
+        f"Reproduce: `{reproduce_command(args)}`.",
         "",
         *header,
         *rows,
