@@ -16,10 +16,12 @@ TEACHER_TERMS = ("kl_response", "kl_visual", "relation")  # the loss terms that 
 SHAPES_DRAWN = ("circle", "ring", "square", "triangle", "diamond", "hexagon", "star", "cross")
 Split = Literal["general", "multitask", "preference", "lookup"]
 Share = Annotated[float, Field(gt=0.0, le=1.0)]
-# One share for all splits, or one per split; tagged so that a bad value is reported against its own form only.
+# One share for all splits, or one per split; tagged so that a bad value is reported against its own form only
+# (tasks/params.py drops the tag from the key it reports).
+SHARES_TAGS = ("share", "per_split")
 Shares = Annotated[
-    Annotated[Share, Tag("share")] | Annotated[dict[Split, Share], Tag("per_split")],
-    Discriminator(lambda value: "per_split" if isinstance(value, dict) else "share"),
+    Annotated[Share, Tag(SHARES_TAGS[0])] | Annotated[dict[Split, Share], Tag(SHARES_TAGS[1])],
+    Discriminator(lambda value: SHARES_TAGS[1] if isinstance(value, dict) else SHARES_TAGS[0]),
 ]
 Module = Literal[
     "vision", "projector", "llm", "embeddings", "attention", "mlp", "experts", "router", "shared_expert", "norms", "lm_head"

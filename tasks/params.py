@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from model.config import (  # the sections model/ reads, defined once there and re-exported
     SHAPES_DRAWN,
+    SHARES_TAGS,
     TEACHER_TERMS,
     DPOParams,
     LossWeights,
@@ -480,7 +481,7 @@ def _key_path(loc: tuple) -> list:
     return [
         part
         for i, part in enumerate(loc)
-        if not (part in tags and i and isinstance(loc[i - 1], int)) and not (part in ("share", "per_split") and i and loc[i - 1] == "fraction")
+        if not (part in tags and i and isinstance(loc[i - 1], int)) and not (part in SHARES_TAGS and i and loc[i - 1] == "fraction")
     ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import shlex
 import statistics
 import sys
 
@@ -77,9 +79,6 @@ def test_a_one_seed_run_reports_the_difference_without_a_verdict():
 
 
 def test_the_reproduce_line_names_what_is_not_default_and_quotes_values_for_a_shell():
-    import argparse
-    import shlex
-
     args = argparse.Namespace(seeds=[0], variants=ablation.DEFAULT_VARIANTS, name="ablation_x", changes=["mimic_dense.fraction={general: 1.0, multitask: 0.1}", "mimic_dense.steps=750"])
     command = ablation.reproduce_command(args)
     assert command.startswith("python bench/ablation.py --seeds 0 --name ablation_x --set ") and "--variants" not in command
