@@ -114,9 +114,7 @@ TRAINED_BY = {"dense": ("align", "mimic_dense"), "moe": ("align", "mimic_dense",
 
 
 def run(command: list[str], cwd: Path, threads: int | None) -> None:
-    # One DeepSpeed op build for every workspace, not one each (a minute of compiling apiece).
-    env = dvc_env() | {"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
-    env |= {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    env = dvc_env() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     process = subprocess.run(command, cwd=cwd, env=env, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{process.stdout[-4000:]}")

@@ -68,6 +68,10 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
 
 
 def dvc_env() -> dict[str, str]:
-    """The environment for running ``dvc`` so that stage commands find this interpreter as ``python``."""
+    """The environment for running ``dvc`` so that stage commands find this interpreter as ``python``.
+
+    Workspaces share this checkout's DeepSpeed op build (``make setup`` makes it), rather than
+    compiling it again in each.
+    """
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
+    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
