@@ -19,6 +19,7 @@ import yaml
 
 from tasks.params import REPO, ParamsError, deep_merge, load_params
 from tasks.stages import dump, render
+from tasks.training import TORCH_EXTENSIONS
 
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "recipes", "presets", "infra", "model", "tasks", "flows", "teachers", "students")
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tinymod", "GIT_AUTHOR_EMAIL": "tinymod@localhost", "GIT_COMMITTER_NAME": "tinymod", "GIT_COMMITTER_EMAIL": "tinymod@localhost"}
@@ -74,4 +75,4 @@ def dvc_env() -> dict[str, str]:
     compiling it again in each.
     """
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS)}

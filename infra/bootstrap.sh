@@ -20,10 +20,6 @@ for folder in $links; do links_args+=(--find-links "$folder"); done
 # recompile torch and transformers in every process (a DeepSpeed job starts several).
 "${UV[@]}" pip sync --quiet --compile-bytecode --python .venv/bin/python "${links_args[@]}" requirements.lock
 "${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
-# DeepSpeed JIT-builds its CPU shared-memory op (g++, about 30 s) when a job first starts; built
-# here once, where every training stage and test finds it (tasks/training.py's TORCH_EXTENSIONS_DIR).
-# Where the accelerator is a GPU there is no such op, and this builds nothing. The venv's ninja, as
-# the stages see it: a build by another ninja version counts as changed, and the first job redoes it.
-PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions" .venv/bin/python -c \
-    "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "Setting accelerator" || true
+# DeepSpeed's CPU op, compiled once here rather than in the pipeline's first job (tasks/training.py).
+.venv/bin/python -c "from tasks.training import build_deepspeed_ops; build_deepspeed_ops()"
 touch .venv/.installed

@@ -44,6 +44,9 @@ from tasks.common import (
 from tasks.params import REPO, Params, Tracking, TrainingParams
 
 LOG_TAIL_BYTES = 6000
+# Where DeepSpeed keeps the ops it compiles: one build per checkout, made by `make setup`
+# (build_deepspeed_ops) and shared by every job, test and bench workspace.
+TORCH_EXTENSIONS = REPO / ".cache" / "torch_extensions"
 
 
 class StageError(StageFailure):
@@ -305,16 +308,37 @@ def launch_command(spec_path: Path, section: TrainingParams) -> list[str]:
     ]  # fmt: skip
 
 
+def job_env(world_size: int = 1) -> dict[str, str]:
+    """The environment a DeepSpeed job runs in."""
+    env = dict(os.environ)
+    # Each rank gets its share of the cores (the deepspeed launcher leaves this unset).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS.resolve()))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # This interpreter's tools first: DeepSpeed compiles with the ninja on PATH, and takes a build
+    # by another ninja version for a changed one (the system's 1.11 against the venv's 1.13: 30 s).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def build_deepspeed_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory op as the jobs will look for it (``make setup`` runs this).
+
+    Otherwise the first job of a fresh checkout compiles it, about 30 s inside the pipeline's time.
+    Where the accelerator is a GPU there is no such op and nothing is built.
+    """
+    os.environ.update(job_env())
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 class RunningJob:
     """The DeepSpeed job as a child process whose output streams to the console and ``log_path``."""
 
     def __init__(self, spec_path: Path, section: TrainingParams, log_path: Path):
-        env = dict(os.environ)
-        # Each rank gets its share of the cores (the deepspeed launcher leaves this unset).
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // section.world_size)))
-        env.setdefault("TORCH_EXTENSIONS_DIR", str((REPO / ".cache" / "torch_extensions").resolve()))
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = job_env(section.world_size)
         self.command = launch_command(spec_path, section)
         self.log_path = log_path
         self.tail: deque[bytes] = deque()
