@@ -202,7 +202,8 @@ def in_context_accuracy(model, tokenizer, spec: WorldParams, context: SceneConte
         named = set(W.object_mentions(reply(scene.objects, W.CAPTION_PROMPT_FOR_EVAL, 64), spec.shapes))
         right["caption"] += len(named & scene.shapes)
         total["caption"] += len(scene.shapes)
-    accuracy = {"accuracy": sum(right[t] for t in W.VQA_TYPES) / sum(total[t] for t in W.VQA_TYPES)} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES}
+    # a few scenes may never ask some type: it is left out rather than scored 0/0
+    accuracy = {"accuracy": sum(right[t] for t in W.VQA_TYPES) / sum(total[t] for t in W.VQA_TYPES)} | {f"accuracy/{t}": right[t] / total[t] for t in W.VQA_TYPES if total[t]}
     return accuracy | {"caption_recall": right["caption"] / total["caption"]}
 
 
