@@ -51,7 +51,7 @@ def main() -> None:
         root = make_workspace(args.keep or Path(tmp) / "tinymod", {"preset": args.preset})
         total, stages = repro(root)
         noop, _ = repro(root)
-    print(f"\npreset {args.preset}: dvc repro from scratch {total / 60:.1f} min")
+    print(f"\npreset {args.preset}: dvc repro from scratch {total:.0f} s ({total / 60:.1f} min)")
     for stage, seconds in stages.items():
         print(f"  {stage:<14} {seconds:7.1f} s")
     print(f"no-op re-run: {noop:.1f} s")
