@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import torch
 
 from model.data import DistillBatch
 from model.engine import response_tokens, token_shares
-from tasks.training import TORCH_EXTENSIONS
+from tasks.training import job_env
 
 from .test_engine import batch_with_labels, objective_of
 
@@ -97,11 +96,9 @@ def test_deepspeed_accumulation_divides_by_the_steps_as_the_shares_assume(tmp_pa
         print(json.dumps(grads))
         """
     )
-    env = {
-        **os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
-        "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS), "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    # the stages' own job environment, so this job finds set-up's op build as they do
+    env = {**job_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
