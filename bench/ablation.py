@@ -21,6 +21,7 @@ run-cache (the teacher has its own seed) and only the student stages train:
     llava_kd           the LLaVA-KD recipe (DPT -> SFT -> DFT), student kept dense -> student after DFT
     llava_kd_dpt_sft, llava_kd_pt_sft_dft   LLaVA-KD's schedule ablation (with no_teacher = PT -> SFT
                        and llava_kd): the recipe ending at SFT, and with PT (ce-only align) for DPT
+    llava_kd_dft_response   llava_kd with DFT's image KL and RDist off (ce and the response KL only)
 
 Every student is scored through the evaluate stage (lmms-eval). Writes
 reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
@@ -102,6 +103,12 @@ VARIANTS = {
         {"recipe": "llava-kd", "align": {"loss": {"ce": 1.0, "kl_response": 0.0, "kl_visual": 0.0, "relation": 0.0}}},
         "dft",
         {"dft": "(8) LLaVA-KD: PT -> SFT -> DFT"},
+    ),
+    # Which of DFT's terms brings its extra "yes" to absent objects: DFT with the response KL alone.
+    "llava_kd_dft_response": (
+        {"recipe": "llava-kd", "dft": {"loss": {"ce": 1.0, "kl_response": 1.0, "kl_visual": 0.0, "relation": 0.0}}},
+        "dft",
+        {"dft": "(9) LLaVA-KD: DPT -> SFT -> DFT with the response KL alone"},
     ),
 }
 SEEDS = [0, 1, 2]
