@@ -209,6 +209,7 @@ CLAIMS = [
     ("(d) LLaVA-KD: DPT -> SFT -> DFT beats PT -> SFT", "(6)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
     ("(d') LLaVA-KD's schedule: DPT -> SFT beats PT -> SFT", "(7)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
     ("(d') ... and PT -> SFT -> DFT beats PT -> SFT", "(8)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
+    ("(d') ... and DPT -> SFT -> DFT with the response KL alone beats PT -> SFT", "(9)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
     ("(cache) the teacher cache's top-32 distils the MoE student as the live teacher does", "(3)", "(3')", ["VQA acc", "POPE F1 adv", "object recall", "partner halluc."]),
 ]
 
