@@ -317,6 +317,9 @@ def main() -> None:
         "",
         *claims(data),
         "",
+        "Why a claim does not clear the spread is measured, not guessed: README, Results, "
+        "\"What holds on this default, and why the rest does not\", and the runs it cites.",
+        "",
         f"![ablation](plots/{args.name}.png)",
         "",
     ]
