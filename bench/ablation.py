@@ -22,6 +22,7 @@ run-cache (the teacher has its own seed) and only the student stages train:
     llava_kd_dpt_sft, llava_kd_pt_sft_dft   LLaVA-KD's schedule ablation (with no_teacher = PT -> SFT
                        and llava_kd): the recipe ending at SFT, and with PT (ce-only align) for DPT
     llava_kd_dft_response   llava_kd with DFT's image KL and RDist off (ce and the response KL only)
+    llava_kd_dft_ce    llava_kd with DFT's ce alone: as many steps, no teacher in them
 
 Every student is scored through the evaluate stage (lmms-eval). Writes
 reports/ablation.md, reports/plots/ablation.png and metrics/ablation.json, and
@@ -109,6 +110,12 @@ VARIANTS = {
         {"recipe": "llava-kd", "dft": {"loss": {"ce": 1.0, "kl_response": 1.0, "kl_visual": 0.0, "relation": 0.0}}},
         "dft",
         {"dft": "(9) LLaVA-KD: DPT -> SFT -> DFT with the response KL alone"},
+    ),
+    # ... and whether it is the teacher at all, or 375 more steps on the same records: DFT with ce alone.
+    "llava_kd_dft_ce": (
+        {"recipe": "llava-kd", "dft": {"loss": {"ce": 1.0, "kl_response": 0.0, "kl_visual": 0.0, "relation": 0.0}}},
+        "dft",
+        {"dft": "(10) LLaVA-KD: DPT -> SFT -> DFT with ce alone (no teacher after DPT)"},
     ),
 }
 SEEDS = [0, 1, 2]
@@ -210,6 +217,7 @@ CLAIMS = [
     ("(d') LLaVA-KD's schedule: DPT -> SFT beats PT -> SFT", "(7)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
     ("(d') ... and PT -> SFT -> DFT beats PT -> SFT", "(8)", "(1)", ["VQA acc", "POPE F1 adv", "CHAIR-i"]),
     ("(d') ... and DPT -> SFT -> DFT with the response KL alone beats PT -> SFT", "(9)", "(1)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
+    ("(d') the teacher in DFT: DPT -> SFT -> DFT against DFT's steps with ce alone", "(6)", "(10)", ["VQA acc", "POPE acc adv", "POPE F1 adv", "CHAIR-i"]),
     ("(cache) the teacher cache's top-32 distils the MoE student as the live teacher does", "(3)", "(3')", ["VQA acc", "POPE F1 adv", "object recall", "partner halluc."]),
 ]
 
