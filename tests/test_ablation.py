@@ -104,3 +104,11 @@ def test_every_variant_is_a_valid_pipeline_and_its_student_llm_is_the_pinned_one
     assert set(models) <= set(params.evaluated_models)
     if params.align.student.llm != "init":  # a stale pin in bench/ablation.py would fail the variant at its align stage
         assert weights_sha256(REPO / params.align.student.llm) == params.align.student.sha256
+
+
+def test_training_fit_averages_the_last_rows_and_leaves_out_a_term_the_stage_did_not_log():
+    spec = importlib.util.spec_from_file_location("training_fit", REPO / "bench" / "training_fit.py")
+    training_fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(training_fit)
+    history = [{"step": 10 * i, "ce": float(i), "loss": 2.0 * i} for i in range(1, 6)]
+    assert training_fit.fit(history, ["ce", "kl_response"], last=2) == {"ce": 4.5}
