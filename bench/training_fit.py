@@ -25,9 +25,9 @@ def fit(history: list[dict], terms: list[str], last: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path, help="an ablation --workdir: one <variant>-seed<N> folder per run")
-    parser.add_argument("--stage", default="mimic_sparse")
-    parser.add_argument("--variants", nargs="+", required=True)
-    parser.add_argument("--terms", nargs="+", default=["ce", "kl_response"])
+    parser.add_argument("--stage", default="mimic_sparse", help="the training stage whose history to read (default mimic_sparse)")
+    parser.add_argument("--variants", nargs="+", required=True, help="bench/ablation.py variant names, e.g. llava_mod dense_same_active")
+    parser.add_argument("--terms", nargs="+", default=["ce", "kl_response"], help="logged loss terms (default: ce kl_response)")
     parser.add_argument("--last", type=int, default=10, help="logged rows to average (default 10)")
     args = parser.parse_args()
 
