@@ -38,19 +38,14 @@ from model.config import (  # the sections model/ reads, defined once there and 
     TEACHER_TERMS,
     DPOParams,
     LossWeights,
-    Module,
-    PairingParams,
     Section,
-    Split,
     TeacherUse,
     TextParams,
     TrainingParams,
     UpcycleParams,
     VisionParams,
-    WorldImages,
     WorldParams,
 )
-
 from model.errors import TinymodError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -245,7 +240,7 @@ class StudentParams(Section):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     """SHA-256 of the pretrained LLM's weights (its *.safetensors files in name order); align refuses others. null with `llm: init`."""
     text: TextParams = TextParams(hidden_size=128, intermediate_size=384, layers=2, heads=4, kv_heads=2)
-    """LLM of the student when `llm: init`."""
+    """LLM of the student when `llm: init`. A pretrained LLM keeps its own shape: a key written here must match its config.json."""
 
 
 class WordAlignParams(Section):
@@ -546,6 +541,32 @@ def world_differences(teacher: Path, world: WorldParams) -> dict[str, Any]:
     return {key: seen.get(key) for key in sorted(set(seen) | set(current)) if seen.get(key) != current.get(key)}
 
 
+# align.student.text's keys and the names a transformers causal-LM config gives them.
+TEXT_CONFIG_KEYS = {
+    "family": "model_type", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+    "max_position_embeddings": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+}  # fmt: skip
+
+
+def llm_config(llm: str) -> dict:
+    """The pretrained student LLM's ``config.json``; empty for ``init`` or a folder without one (align reports that)."""
+    config = Path(llm) / "config.json"
+    return json.loads(config.read_text()) if llm != "init" and config.is_file() else {}
+
+
+def llm_differences(config: dict, text: TextParams) -> dict[str, Any]:
+    """The keys written in ``text`` whose value differs from the pretrained LLM's ``config``, with the LLM's value.
+
+    A pretrained LLM keeps its own shape: ``text`` only describes it, so a value written there that
+    disagrees is a change the user expects and align would not make."""
+    return {
+        key: config[TEXT_CONFIG_KEYS[key]]
+        for key in sorted(text.model_fields_set)
+        if TEXT_CONFIG_KEYS[key] in config and getattr(text, key) != config[TEXT_CONFIG_KEYS[key]]
+    }
+
+
 def _cross_checks(p: Params) -> list[Problem]:
     """Problems no single field can see: sizes that must agree, names that must exist."""
     problems: list[Problem] = []
@@ -609,8 +630,18 @@ def _cross_checks(p: Params) -> list[Problem]:
         problems.append(Problem("upcycle.top_k", f"must be <= upcycle.num_experts ({up.num_experts})"))
     if p.align.student.sha256 and p.align.student.llm == "init":
         problems.append(Problem("align.student.sha256", "pins a pretrained LLM's weights, and align.student.llm is init: set it to null"))
-    if isinstance(up.layers, list) and p.align.student.llm == "init":
-        n = p.align.student.text.layers
+    student_llm = llm_config(p.align.student.llm)
+    written = "text" in p.align.student.model_fields_set  # the default's values describe no particular LLM
+    for key, value in llm_differences(student_llm, p.align.student.text).items() if written else ():
+        problems.append(
+            Problem(
+                f"align.student.text.{key}",
+                f"is {getattr(p.align.student.text, key)!r}, but align.student.llm {p.align.student.llm} has {value!r}: "
+                f"a pretrained LLM keeps its own shape; write {value!r} or leave the key out (or set align.student.llm: init)",
+            )
+        )
+    if isinstance(up.layers, list) and (p.align.student.llm == "init" or student_llm):
+        n = student_llm.get("num_hidden_layers", p.align.student.text.layers)
         for i, layer in enumerate(up.layers):
             if layer >= n:
                 problems.append(Problem(f"upcycle.layers[{i}]", f"layer {layer} does not exist: the student has {n} layers (0..{n - 1})"))

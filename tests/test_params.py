@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.params import ParamsError, load_params, validate_file
 
@@ -309,3 +310,23 @@ def test_a_per_split_fraction_subsamples_each_split_on_its_own(tmp_path):
     assert kinds.count("general") == 20 and kinds.count("multitask") == 16
     assert records == stage_records(files, {"general": 0.5, "multitask": 0.1}, seed=0)  # the teacher cache reads the same records
     assert len(stage_records(files, 0.1, seed=0)) == 20  # one number: a share of all the records together
+
+
+def test_a_student_shape_the_pretrained_llm_does_not_have_is_refused(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(ParamsError) as info:
+        load_params(write_params(tmp_path, {"align": {"student": {"text": {"hidden_size": 256, "layers": 4}}}}))
+    problems = {p.key: p.message for p in info.value.problems}
+    assert set(problems) == {"align.student.text.hidden_size", "align.student.text.layers"}
+    assert "is 256, but align.student.llm students/embedded has 128" in problems["align.student.text.hidden_size"]
+    # The shipped file's values describe students/embedded; without `text` nothing is claimed; a fresh LLM takes any shape.
+    load_params(REPO / "params.yaml")
+    del params["align"]["student"]["text"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    load_params(tmp_path / "params.yaml")
+    load_params(write_params(tmp_path, {"align": {"student": {"llm": "init", "sha256": None, "text": {"hidden_size": 256, "layers": 4}}}}))
+
+
+def test_upcycling_a_layer_the_pretrained_llm_lacks_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"upcycle.layers\[1\]: layer 2 does not exist: the student has 2 layers"):
+        load_params(write_params(tmp_path, {"upcycle": {"layers": [0, 2]}}))
