@@ -630,7 +630,11 @@ def _cross_checks(p: Params) -> list[Problem]:
         problems.append(Problem("upcycle.top_k", f"must be <= upcycle.num_experts ({up.num_experts})"))
     if p.align.student.sha256 and p.align.student.llm == "init":
         problems.append(Problem("align.student.sha256", "pins a pretrained LLM's weights, and align.student.llm is init: set it to null"))
-    student_llm = llm_config(p.align.student.llm)
+    try:
+        student_llm = llm_config(p.align.student.llm)
+    except ValueError as error:
+        student_llm = {}
+        problems.append(Problem("align.student.llm", f"{p.align.student.llm}/config.json is not valid JSON ({error}); point it at a Hugging Face causal LM folder"))
     written = "text" in p.align.student.model_fields_set  # the default's values describe no particular LLM
     for key, value in llm_differences(student_llm, p.align.student.text).items() if written else ():
         problems.append(

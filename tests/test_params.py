@@ -327,6 +327,13 @@ def test_a_student_shape_the_pretrained_llm_does_not_have_is_refused(tmp_path):
     load_params(write_params(tmp_path, {"align": {"student": {"llm": "init", "sha256": None, "text": {"hidden_size": 256, "layers": 4}}}}))
 
 
+def test_a_student_llm_whose_config_is_not_json_is_named(tmp_path):
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{not json")
+    with pytest.raises(ParamsError, match=r"align.student.llm: .*llm/config.json is not valid JSON"):
+        load_params(write_params(tmp_path, {"align": {"student": {"llm": str(tmp_path / "llm"), "sha256": None}}}))
+
+
 def test_upcycling_a_layer_the_pretrained_llm_lacks_is_refused(tmp_path):
     with pytest.raises(ParamsError, match=r"upcycle.layers\[1\]: layer 2 does not exist: the student has 2 layers"):
         load_params(write_params(tmp_path, {"upcycle": {"layers": [0, 2]}}))
