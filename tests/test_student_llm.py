@@ -61,7 +61,7 @@ def test_a_pretrained_student_llm_goes_into_the_student_unchanged_and_is_word_al
 
     student = build_student(tiny_llava, TextParams(**TINY_TEXT), str(folder), tiny_tokenizer, seed=0)
     assert torch.equal(student.model.language_model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
-    params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder)}}}))
+    params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder), "text": TINY_TEXT}}}))  # the shape it has
     assert params.word_aligns, "a pretrained LLM's image tokens are new too: align word-aligns it on the world"
 
 
@@ -95,7 +95,7 @@ def test_align_refuses_a_student_llm_whose_weights_are_not_the_pinned_ones_befor
     folder = tmp_path / "llm"
     AutoModelForCausalLM.from_config(text_config(TextParams(**TINY_TEXT), tiny_tokenizer)).save_pretrained(folder, safe_serialization=True)
     assert weights_sha256(folder) != "0" * 64
-    params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder), "sha256": "0" * 64}}}))
+    params = load_params(write_params(tmp_path, {"align": {"student": {"llm": str(folder), "sha256": "0" * 64, "text": TINY_TEXT}}}))
     with pytest.raises(CheckpointError, match=r"align.student.sha256 expects 0{64}.*students/README.md remakes"):
         align(params, StagePaths(params, tmp_path))  # no teacher, no data: the pin is checked before either is read
 
