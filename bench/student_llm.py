@@ -23,9 +23,9 @@ or a probe). Where a LLaVA record has the image, the context holds the scene in 
     Where is the star?<|im_end|>\n<|im_start|>assistant\nThe star is at the top left.<|im_end|> ...
 
 It writes a Hugging Face causal LM that ``align.student.llm: OUT`` takes (plain ``transformers``
-loads it; with ``--intermediate-size`` or ``--hidden-size``, write the same in ``align.student.text``,
-which validation checks against OUT's config), and prints the in-context answer accuracy per question type on fresh scenes (also in
-OUT/tinymod_metrics.json).
+loads it; with ``--intermediate-size`` or ``--hidden-size``, write the same in
+``align.student.text``, which validation checks against OUT's config), and prints the in-context
+answer accuracy per question type on fresh scenes (also in OUT/tinymod_metrics.json).
 
     python bench/student_llm.py OUT [--context cells|caption] [--intermediate-size N] [--hidden-size N] [--steps 1500] [--init FOLDER]
 

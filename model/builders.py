@@ -80,15 +80,11 @@ def vision_config(v: VisionParams) -> CLIPVisionConfig:
 
 
 def text_config(t: TextParams, tokenizer: PreTrainedTokenizerBase):
+    shape = t.config_fields()
+    del shape["model_type"]  # the family picks the config class, which fixes it
     return TEXT_CONFIGS[t.family](
         vocab_size=len(tokenizer),
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=t.tie_embeddings,
+        **shape,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

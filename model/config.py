@@ -67,6 +67,19 @@ class TextParams(Section):
     tie_embeddings: bool = True
     """Share the input embedding and the LM head."""
 
+    def config_fields(self) -> dict[str, Any]:
+        """These values under the names a transformers causal-LM config gives them (the family is its model_type)."""
+        return {name: getattr(self, field) for field, name in TEXT_CONFIG_NAMES.items()}
+
+
+# TextParams' fields and their names in a transformers causal-LM config: one map for building an LLM
+# from them and for checking them against a pretrained one's config.json.
+TEXT_CONFIG_NAMES = {
+    "family": "model_type", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+    "max_position_embeddings": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+}  # fmt: skip
+
 
 class UpcycleParams(Section):
     num_experts: int = Field(4, ge=1, le=256)

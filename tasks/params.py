@@ -36,6 +36,7 @@ from model.config import (  # the sections model/ reads, defined once there and 
     SHAPES_DRAWN,
     SHARES_TAGS,
     TEACHER_TERMS,
+    TEXT_CONFIG_NAMES,
     DPOParams,
     LossWeights,
     Section,
@@ -541,29 +542,25 @@ def world_differences(teacher: Path, world: WorldParams) -> dict[str, Any]:
     return {key: seen.get(key) for key in sorted(set(seen) | set(current)) if seen.get(key) != current.get(key)}
 
 
-# align.student.text's keys and the names a transformers causal-LM config gives them.
-TEXT_CONFIG_KEYS = {
-    "family": "model_type", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-    "layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
-    "max_position_embeddings": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
-}  # fmt: skip
-
-
 def llm_config(llm: str) -> dict:
     """The pretrained student LLM's ``config.json``; empty for ``init`` or a folder without one (align reports that)."""
     config = Path(llm) / "config.json"
     return json.loads(config.read_text()) if llm != "init" and config.is_file() else {}
 
 
-def llm_differences(config: dict, text: TextParams) -> dict[str, Any]:
-    """The keys written in ``text`` whose value differs from the pretrained LLM's ``config``, with the LLM's value.
+def student_shape_differences(student: StudentParams, config: dict) -> dict[str, Any]:
+    """The keys written in ``student.text`` whose value differs from the pretrained LLM's ``config``, with the LLM's value.
 
     A pretrained LLM keeps its own shape: ``text`` only describes it, so a value written there that
-    disagrees is a change the user expects and align would not make."""
+    disagrees is a change the user expects and align would not make. Keys not written do not count:
+    the default shape describes no particular LLM."""
+    if "text" not in student.model_fields_set:
+        return {}
+    written = student.text.model_fields_set
     return {
-        key: config[TEXT_CONFIG_KEYS[key]]
-        for key in sorted(text.model_fields_set)
-        if TEXT_CONFIG_KEYS[key] in config and getattr(text, key) != config[TEXT_CONFIG_KEYS[key]]
+        key: config[name]
+        for key, name in TEXT_CONFIG_NAMES.items()
+        if key in written and name in config and getattr(student.text, key) != config[name]
     }
 
 
@@ -635,8 +632,7 @@ def _cross_checks(p: Params) -> list[Problem]:
     except ValueError as error:
         student_llm = {}
         problems.append(Problem("align.student.llm", f"{p.align.student.llm}/config.json is not valid JSON ({error}); point it at a Hugging Face causal LM folder"))
-    written = "text" in p.align.student.model_fields_set  # the default's values describe no particular LLM
-    for key, value in llm_differences(student_llm, p.align.student.text).items() if written else ():
+    for key, value in student_shape_differences(p.align.student, student_llm).items():
         problems.append(
             Problem(
                 f"align.student.text.{key}",
